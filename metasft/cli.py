@@ -1,0 +1,143 @@
+"""The ``metasft`` command line: one program, one subcommand per capability.
+
+    metasft prepare --config task_config.json --output-dir data/maml --balance
+    metasft inspect data/maml/medical/support.parquet --tokenizer /models/qwen
+    metasft train --config-name fomaml model.partial_pretrain=/models/qwen meta.tasks_dir=data/maml
+
+User mistakes raise :class:`~metasft.errors.MetasftError`; here they become one line on stderr and
+exit code 2 (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from metasft import __version__
+from metasft.errors import MetasftError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line (plus a pointer to --help), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="PATH", help="YAML config file")
+    source.add_argument("--config-name", metavar="NAME", help="a config shipped with metasft (see `metasft configs`)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. meta.inner_lr=1e-4")
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from metasft.data.prepare import prepare
+    from metasft.report import print_prepare_report
+
+    manifest, reports = prepare(args.config, args.output_dir, seed=args.seed, balance=args.balance,
+                                support_size=args.support_size, query_size=args.query_size)
+    print_prepare_report(reports, args.output_dir)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from metasft.config import ModelConfig
+    from metasft.data.inspect import inspect_file
+    from metasft.model import load_tokenizer
+
+    if args.max_length < 2:
+        raise MetasftError(f"--max-length: {args.max_length} must be >= 2")
+    if args.rows is not None and args.rows < 1:
+        raise MetasftError(f"--rows: {args.rows} must be >= 1")
+    tokenizer = load_tokenizer(ModelConfig(partial_pretrain=args.tokenizer, trust_remote_code=args.trust_remote_code))
+    inspect_file(args.file, tokenizer, args.max_length, args.truncation, args.chat_template, args.prompt_key,
+                 args.response_key, args.messages_key, args.json, args.rows, args.pad_to_max_length)
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from metasft.config import load_config, shipped_config_names
+
+    if args.name:
+        print(load_config(name=args.name).to_yaml(), end="")
+    else:
+        print("\n".join(shipped_config_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="metasft", description="Meta-learning supervised fine-tuning for causal LMs "
+                     "(MAML, FOMAML, Reptile, META-LoRA).")
+    parser.add_argument("--version", action="version", version=f"metasft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="split raw task files into support/query parquet + manifest",
+                       description="Read a task config (JSON/YAML: task -> {input_file, support_ratio, max_samples, "
+                                   "prompt_key, response_key, split}) and write <output-dir>/<task>/{support,query}.parquet "
+                                   "and manifest.json. Deterministic for a seed; support and query are disjoint.")
+    p.add_argument("--config", required=True, metavar="PATH", help="task config (JSON or YAML)")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="where to write the prepared tasks")
+    p.add_argument("--balance", action="store_true", help="cap every task at the size of the smallest")
+    p.add_argument("--support-size", type=int, metavar="N", help="support rows per task (overrides support_ratio)")
+    p.add_argument("--query-size", type=int, metavar="N", help="query rows per task (overrides support_ratio)")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", help="show how rows are tokenised and which tokens are trained on",
+                       description="Render rows of a data file with the trained-on tokens highlighted, or print "
+                                   "input_ids/attention_mask/position_ids/target_mask per row with --json.")
+    p.add_argument("file", help="a .parquet/.jsonl/.json/.csv file")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or hub id")
+    p.add_argument("--max-length", type=int, default=1024, metavar="N", help="data.max_length (default 1024)")
+    p.add_argument("--truncation", choices=["error", "left", "right"], default="error", help="data.truncation")
+    p.add_argument("--chat-template", choices=["auto", "none"], default="auto", help="data.chat_template")
+    p.add_argument("--prompt-key", default="prompt", help="data.prompt_key (dotted for nested)")
+    p.add_argument("--response-key", default="response", help="data.response_key")
+    p.add_argument("--messages-key", default="messages", help="data.messages_key")
+    p.add_argument("--rows", type=int, metavar="N", help="only the first N rows")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--pad-to-max-length", action="store_true", help="with --json, pad rows to --max-length like verl")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's custom code")
+    _add_common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("configs", help="list shipped configs, or print one resolved")
+    p.add_argument("name", nargs="?", help="a shipped config name")
+    _add_common(p)
+    p.set_defaults(func=cmd_configs)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MetasftError as exc:
+        if args.debug:
+            raise
+        print(f"metasft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Disk full, permission denied, ...: the user's environment, not a bug in metasft.
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"metasft {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"metasft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

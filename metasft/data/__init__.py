@@ -1,0 +1,1 @@
+"""Data: reading task files, formatting rows, tokenising with correct targets, collation, tasks."""

@@ -1,0 +1,43 @@
+"""Dynamic padding: a batch is padded to its own longest row, never to ``max_length``.
+
+Rows are right-padded; padding has ``attention_mask == 0`` (never attended to) and label
+``IGNORE_INDEX`` (never a target). ``labels[t] = input_ids[t]`` where the loss predicts token t.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from metasft.data.tokenize import Encoded
+
+IGNORE_INDEX = -100
+
+
+def collate(batch: Sequence[Encoded], pad_token_id: int, pad_to_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Stack encoded rows into ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``.
+
+    ``pad_to_length`` pads every row to a fixed length instead (used only to measure what dynamic
+    padding saves)."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(row) for row in batch) if pad_to_length is None else pad_to_length
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        n = len(row)
+        ids = torch.tensor(row.input_ids, dtype=torch.long)
+        input_ids[i, :n] = ids
+        attention_mask[i, :n] = 1
+        targets = torch.tensor(row.target_mask, dtype=torch.bool)
+        labels[i, :n] = torch.where(targets, ids, torch.full_like(ids, IGNORE_INDEX))
+    # verl's compute_position_id_with_mask: positions count attended tokens, padding stays at 0.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) * attention_mask
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def num_target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Number of tokens the loss predicts in a collated batch (labels shifted by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
