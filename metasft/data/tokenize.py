@@ -101,6 +101,7 @@ def _encode_messages(example: Example, tokenizer, templated: bool) -> tuple[list
     if not templated:
         raise DataError(f"{example.source}: multi-turn rows need a tokenizer with a chat template")
     messages = example.messages_as_dicts()
+    eos = tokenizer.eos_token
     # Split the rendered conversation into (text, is_target) segments by rendering growing
     # prefixes; each segment is what one more message (or the assistant header) adds.
     segments: list[tuple[str, bool]] = []
@@ -113,7 +114,14 @@ def _encode_messages(example: Example, tokenizer, templated: bool) -> tuple[list
             rendered = with_header
         full = _render(tokenizer, messages[: i + 1])
         _check_prefix(rendered, full, example.source)
-        segments.append((full[len(rendered):], message["role"] == "assistant"))
+        added = full[len(rendered):]
+        if message["role"] == "assistant":
+            # Train up to and including the end-of-turn token; what the template puts after it
+            # (a newline, say) is formatting between turns, not something the model must emit.
+            end = added.rfind(eos) + len(eos) if eos and eos in added else len(added)
+            segments.extend([(added[:end], True), (added[end:], False)])
+        else:
+            segments.append((added, False))
         rendered = full
     ids: list[int] = []
     mask: list[int] = []

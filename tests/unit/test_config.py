@@ -1,0 +1,84 @@
+"""Configuration: schema, overrides, shipped configs, and errors that name the key."""
+
+import pytest
+
+from metasft.config import Config, load_config, schema_reference, shipped_config_names
+from metasft.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", shipped_config_names())
+def test_every_shipped_config_loads_and_validates(name):
+    cfg = load_config(name=name)
+    assert cfg.meta.algorithm in ("maml", "fomaml", "reptile", "sft")
+
+
+def test_shipped_configs_include_the_seed_names():
+    assert {"fomaml", "maml", "reptile", "meta_lora", "sft", "config_maml_sft_example",
+            "config_meta_lora_example"} <= set(shipped_config_names())
+
+
+def test_every_shipped_config_opens_with_its_command():
+    from metasft.config import CONFIG_DIR
+
+    for name in shipped_config_names():
+        first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
+        assert first.startswith(f"# metasft train --config-name {name}")
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(name="fomaml", overrides=["meta.inner_lr=1e-3", "meta.num_inner_steps=2",
+                                                 "optim.clip_grad=null", "trainer.logger=[jsonl]"])
+    assert cfg.meta.inner_lr == 1e-3 and cfg.meta.num_inner_steps == 2
+    assert cfg.optim.clip_grad is None and cfg.trainer.logger == ["jsonl"]
+
+
+def test_yaml_file_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("meta:\n  algorithm: reptile\n  tasks_dir: d\n")
+    cfg = load_config(path=path)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_seed_use_fomaml_selects_algorithm():
+    assert load_config(overrides=["meta.use_fomaml=true"]).meta.algorithm == "fomaml"
+    assert load_config(overrides=["meta.use_fomaml=false"]).meta.algorithm == "maml"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("meta.innerlr=1", r"meta.innerlr: unknown config key; did you mean meta.inner_lr\?"),
+    ("modle.lora_rank=1", "modle: unknown config key"),
+    ("meta.inner_lr=fast", "meta.inner_lr: expected a number"),
+    ("meta.num_inner_steps=1.5", "meta.num_inner_steps: expected an integer"),
+    ("meta.inner_lr=-1", r"meta.inner_lr: -1.0 must be > 0"),
+    ("meta.outer_lr=0", "meta.outer_lr: 0.0 must be > 0"),
+    ("meta.meta_batch_size=0", "meta.meta_batch_size: 0 must be >= 1"),
+    ("meta.algorithm=mamal", "meta.algorithm: 'mamal' is not one of"),
+    ("data.truncation=middle", "data.truncation"),
+    ("trainer.logger=[stdout]", "trainer.logger: unknown logger 'stdout'"),
+    ("model.use_fsdp=maybe", "model.use_fsdp: expected true or false"),
+    ("meta.tasks=[{name: a/b, support_files: [x], query_files: [y]}]", "meta.tasks\\[0\\].name"),
+    ("noequals", "overrides are written key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_contradictions_are_refused():
+    with pytest.raises(ConfigError, match="meta.use_fomaml=true contradicts meta.algorithm=maml"):
+        load_config(overrides=["meta.use_fomaml=true", "meta.algorithm=maml"])
+    with pytest.raises(ConfigError, match="model.use_fsdp: second-order maml is not supported"):
+        load_config(overrides=["meta.algorithm=maml", "model.use_fsdp=true"])
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(overrides=["meta.tasks_dir=x", "meta.tasks=[{name: a, support_files: [x], query_files: [y]}]"])
+
+
+def test_unknown_shipped_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="no such shipped config.*fomaml"):
+        load_config(name="nope")
+
+
+def test_schema_reference_has_help_for_every_key():
+    rows = schema_reference()
+    assert len(rows) > 40
+    assert all(help_text for _, _, _, help_text in rows)
