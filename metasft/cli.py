@@ -72,6 +72,17 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from metasft.config import load_config
+    from metasft.train import train
+
+    cfg = load_config(path=args.config, name=args.config_name, overrides=args.overrides)
+    checkpoint = train(cfg)
+    if checkpoint is not None:
+        print(f"metasft: last checkpoint {checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metasft", description="Meta-learning supervised fine-tuning for causal LMs "
                      "(MAML, FOMAML, Reptile, META-LoRA).")
@@ -114,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_configs)
 
+    p = sub.add_parser("train", help="meta-train (maml, fomaml, reptile) or the multi-task sft baseline",
+                       description="Meta-train a causal LM. Configs: --config PATH or --config-name NAME, then "
+                                   "dotted KEY=VALUE overrides. Launch with torchrun -m metasft train for several processes.")
+    _add_config_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

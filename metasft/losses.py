@@ -18,9 +18,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Sum of next-token negative log-likelihoods over target positions, and their count.
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]``; positions labelled ``IGNORE_INDEX`` are skipped.
-    Computed in float32 whatever the logits' dtype.
+    Computed in float32 for half-precision logits (float64 logits stay float64, for exact tests).
     """
-    shift_logits = logits[:, :-1, :].float()
+    shift_logits = logits[:, :-1, :]
+    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+        shift_logits = shift_logits.float()
     shift_labels = labels[:, 1:]
     total = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),

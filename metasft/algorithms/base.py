@@ -1,0 +1,28 @@
+"""What an algorithm is: how one task's episode adds to the meta-gradient.
+
+Algorithms are thin (STYLE.md): each file says which loss is differentiated, whether the graph
+through the inner loop is kept, and how the task's contribution is formed. Everything else —
+outer optimizer, clipping, schedule, all-reduce, logging, checkpointing — lives in the trainer.
+"""
+
+from __future__ import annotations
+
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics
+
+
+class MetaAlgorithm:
+    name: str = ""
+    #: differentiates through the inner loop (needs double backward; refuses activation checkpointing)
+    second_order: bool = False
+    #: the episode holds K support batches and a query batch (False: one SFT batch)
+    episodic: bool = True
+
+    def task_weight(self, num_tasks: int) -> float:
+        """Weight of one task's contribution: the meta-gradient is the *mean* over the meta-batch."""
+        return 1.0 / num_tasks
+
+    def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
+        """Add ``weight`` × this task's meta-gradient to ``engine.meta_grad``; return its metrics.
+
+        On return the model's parameters may hold adapted weights; the caller restores θ."""
+        raise NotImplementedError

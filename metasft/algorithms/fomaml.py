@@ -1,0 +1,28 @@
+"""First-order MAML (Finn et al., 2017, §5.2; "FOMAML" in Nichol et al., 2018).
+
+    φ_i = θ − α Σ_k ∇L_support,k(φ_i,k)        (K plain-SGD steps, no graph kept)
+    g   = mean_i ∇_φ L_query(φ_i)               (the query gradient at the adapted weights)
+
+With LoRA on (``model.lora_rank > 0``) this is META-LoRA: θ is only the adapter weights.
+"""
+
+from __future__ import annotations
+
+from metasft.algorithms.base import MetaAlgorithm
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _tokens
+
+
+class FOMAML(MetaAlgorithm):
+    name = "fomaml"
+
+    def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
+        metrics = TaskMetrics(episode.task)
+        engine.restore()
+        if want_pre:
+            metrics.query_loss_pre = engine.eval_loss(episode.query_batch)
+        engine.adapt_in_place(episode.support_batches, metrics)
+        query_loss = engine.loss(episode.query_batch)
+        metrics.query_loss_post = float(query_loss.detach())
+        metrics.tokens += _tokens(episode.query_batch)
+        engine.accumulate(engine.grad(query_loss), weight)
+        return metrics

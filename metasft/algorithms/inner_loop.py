@@ -1,0 +1,183 @@
+"""The inner-loop engine every algorithm runs on.
+
+An :class:`InnerLoop` owns the meta-parameters θ (all trainable weights, or only LoRA adapters:
+the *scope* is just which parameters it is given) and offers the few operations the algorithms
+are made of:
+
+* ``snapshot()`` / ``restore()`` — remember θ at the start of a meta-step and put it back before
+  each task (foreach copies into buffers allocated once per run);
+* ``adapt_in_place(support_batches)`` — K plain-SGD steps φ ← φ − α ∇L_support(φ) applied to the
+  model's own parameters (first-order algorithms; correct under activation checkpointing, since
+  parameters only change between a backward pass and the next forward);
+* ``adapt_functional(support_batches)`` — the same K steps as a differentiable function of θ through
+  ``torch.func.functional_call`` (second-order MAML);
+* ``loss(batch, weights=None)`` — the §2.3 token-mean loss, at the model's weights or at ``weights``;
+* ``grad(loss, wrt)`` — gradients as a list aligned with θ (zeros where unused).
+
+Each algorithm then adds its task's contribution into ``meta_grad``; the trainer all-reduces it,
+writes it to ``.grad`` and steps the outer optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from metasft.losses import lm_loss
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Episode:
+    """One task's data for one meta-step: the support batches of the K inner steps and the query
+    batch (or, for the SFT baseline, one training batch in ``support_batches[0]``)."""
+
+    task: str
+    support_batches: list[Batch]
+    query_batch: Batch | None = None
+    num_targets: int | None = None  # global token count to normalise by (SFT baseline)
+
+
+@dataclass
+class TaskMetrics:
+    task: str
+    support_loss_first: float | None = None   # L_support(θ) on the first inner batch
+    query_loss_pre: float | None = None       # L_query(θ), only when asked (costs a forward)
+    query_loss_post: float | None = None      # L_query(φ_K)
+    tokens: int = 0                           # tokens processed (forward passes), for tokens/s
+    finite: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _tokens(batch: Batch) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+class InnerLoop:
+    """Adaptation machinery over an ordered list of meta-parameters (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, named_params: list[tuple[str, torch.nn.Parameter]],
+                 inner_lr: float, num_inner_steps: int, autocast_dtype: torch.dtype | None = None,
+                 force_math_attention: bool = False):
+        if not named_params:
+            raise ValueError("InnerLoop needs at least one trainable parameter")
+        self.model = model
+        self.names = [name for name, _ in named_params]
+        self.params = [param for _, param in named_params]
+        self.inner_lr = inner_lr
+        self.num_inner_steps = num_inner_steps
+        self.autocast_dtype = autocast_dtype
+        self.force_math_attention = force_math_attention
+        self.device = self.params[0].device
+        with torch.no_grad():
+            self.theta = [p.detach().clone() for p in self.params]
+            self.meta_grad = [torch.zeros_like(p) for p in self.params]
+
+    # ------------------------------------------------------------------ θ bookkeeping
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        torch._foreach_copy_(self.theta, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_([p.detach() for p in self.params], self.theta)
+
+    @torch.no_grad()
+    def zero_meta_grad(self) -> None:
+        torch._foreach_zero_(self.meta_grad)
+
+    @torch.no_grad()
+    def accumulate(self, grads: list[torch.Tensor], weight: float) -> None:
+        torch._foreach_add_(self.meta_grad, grads, alpha=weight)
+
+    @torch.no_grad()
+    def write_meta_grad(self) -> None:
+        """Leave the meta-gradient in ``.grad`` for the outer optimizer (and clipping)."""
+        for param, grad in zip(self.params, self.meta_grad):
+            param.grad = grad.clone()
+
+    # ------------------------------------------------------------------ losses and gradients
+    def _context(self):
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype))
+        if self.force_math_attention:
+            # Fused SDPA kernels (flash, memory-efficient, CPU flash) have no double backward;
+            # the math kernel is plain differentiable ops, so second-order MAML stays exact.
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
+
+    def loss(self, batch: Batch, weights: dict[str, torch.Tensor] | None = None,
+             num_targets: int | None = None) -> torch.Tensor:
+        with self._context():
+            if weights is None:
+                return lm_loss(self.model, batch, num_targets)
+            return lm_loss(_FunctionalModel(self.model, weights), batch, num_targets)
+
+    def grad(self, loss: torch.Tensor, wrt: list[torch.Tensor] | None = None,
+             create_graph: bool = False) -> list[torch.Tensor]:
+        wrt = self.params if wrt is None else wrt
+        grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> float:
+        return float(self.loss(batch))
+
+    # ------------------------------------------------------------------ adaptation
+    def adapt_in_place(self, support_batches: list[Batch], metrics: TaskMetrics | None = None,
+                       optimizer: torch.optim.Optimizer | None = None) -> None:
+        """φ ← φ − α ∇L_support(φ) for each batch, on the model's parameters (first order).
+
+        With ``optimizer`` (Reptile's optional inner Adam) that optimizer steps instead of SGD."""
+        for step, batch in enumerate(support_batches):
+            loss = self.loss(batch)
+            if metrics is not None:
+                metrics.tokens += _tokens(batch)
+                if step == 0:
+                    metrics.support_loss_first = float(loss.detach())
+                if not torch.isfinite(loss.detach()):
+                    metrics.finite = False
+            grads = self.grad(loss)
+            if optimizer is None:
+                with torch.no_grad():
+                    torch._foreach_add_([p.detach() for p in self.params], grads, alpha=-self.inner_lr)
+            else:
+                for param, g in zip(self.params, grads):
+                    param.grad = g
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    def adapt_functional(self, support_batches: list[Batch], create_graph: bool = True,
+                         metrics: TaskMetrics | None = None) -> dict[str, torch.Tensor]:
+        """The same SGD steps as a function of θ: returns φ_K with the graph back to θ kept
+        (``create_graph``), so a query loss at φ_K differentiates through the inner loop."""
+        weights = dict(zip(self.names, self.params))
+        for step, batch in enumerate(support_batches):
+            loss = self.loss(batch, weights)
+            if metrics is not None:
+                metrics.tokens += _tokens(batch)
+                if step == 0:
+                    metrics.support_loss_first = float(loss.detach())
+                if not torch.isfinite(loss.detach()):
+                    metrics.finite = False
+            grads = self.grad(loss, list(weights.values()), create_graph=create_graph)
+            weights = {name: w - self.inner_lr * g for (name, w), g in zip(weights.items(), grads)}
+        return weights
+
+
+class _FunctionalModel:
+    """Calls ``model`` with some parameters replaced by ``weights`` (torch.func.functional_call);
+    tied parameters follow the replaced one."""
+
+    def __init__(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]):
+        self.model, self.weights = model, weights
+
+    def __call__(self, **kwargs):
+        return functional_call(self.model, self.weights, args=(), kwargs=kwargs, tie_weights=True, strict=False)

@@ -1,0 +1,31 @@
+"""MAML with the full second-order meta-gradient (Finn et al., 2017, "Model-Agnostic
+Meta-Learning for Fast Adaptation of Deep Networks").
+
+    φ_i(θ) = θ − α Σ_k ∇L_support,k(φ_i,k(θ))   (graph kept: create_graph=True)
+    g      = mean_i ∇_θ L_query(φ_i(θ))           (backpropagates through every inner step)
+
+Needs attention with a double backward: the engine forces the math SDPA kernel for it. The inner
+steps run through ``torch.func.functional_call`` so θ itself is never modified; activation
+checkpointing is refused (recomputation would not see the functional weights).
+"""
+
+from __future__ import annotations
+
+from metasft.algorithms.base import MetaAlgorithm
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _tokens
+
+
+class MAML(MetaAlgorithm):
+    name = "maml"
+    second_order = True
+
+    def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
+        metrics = TaskMetrics(episode.task)
+        if want_pre:
+            metrics.query_loss_pre = engine.eval_loss(episode.query_batch)
+        adapted = engine.adapt_functional(episode.support_batches, create_graph=True, metrics=metrics)
+        query_loss = engine.loss(episode.query_batch, adapted)
+        metrics.query_loss_post = float(query_loss.detach())
+        metrics.tokens += _tokens(episode.query_batch)
+        engine.accumulate(engine.grad(query_loss), weight)  # ∇ w.r.t. θ, through the inner loop
+        return metrics

@@ -1,0 +1,30 @@
+"""The multi-task SFT baseline that meta-learning has to beat.
+
+    g = ∇_θ L(B),  B = one batch of ``inner_batch_size`` examples from each task of the meta-batch
+
+L is the §2.3 token mean over the whole batch B, so each task's part is its summed token loss
+divided by B's total target count (``episode.num_targets``), and the parts add up.
+"""
+
+from __future__ import annotations
+
+from metasft.algorithms.base import MetaAlgorithm
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _tokens
+
+
+class SFT(MetaAlgorithm):
+    name = "sft"
+    episodic = False
+
+    def task_weight(self, num_tasks: int) -> float:
+        return 1.0  # each part is already normalised by the global token count
+
+    def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
+        metrics = TaskMetrics(episode.task)
+        batch = episode.support_batches[0]
+        loss = engine.loss(batch, num_targets=episode.num_targets)
+        metrics.tokens += _tokens(batch)
+        metrics.extra["loss_part"] = float(loss.detach())
+        metrics.finite = bool(loss.detach().isfinite())
+        engine.accumulate(engine.grad(loss), weight)
+        return metrics

@@ -1,0 +1,177 @@
+"""Checkpoints (SPEC §5): ``<run_dir>/step_<N>/``, directly loadable and exactly resumable.
+
+A checkpoint directory holds
+
+* the model: ``save_pretrained`` safetensors (full weights: ``AutoModelForCausalLM.from_pretrained``;
+  LoRA: the peft adapter, ``AutoPeftModelForCausalLM.from_pretrained``), and the tokenizer;
+* ``metasft_config.yaml``: the resolved run config;
+* ``trainer_state.json``: step, batch-schedule positions, counters (plain JSON);
+* ``optimizer.pt``: outer-optimizer state and RNG states, read back with ``weights_only=True``.
+
+It is written under a temporary name and renamed into place when complete, so a crash at any
+moment leaves either the previous checkpoint set or the new one, never a partial one that
+``resume_mode=auto`` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from metasft.errors import MetasftError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+CONFIG_FILE = "metasft_config.yaml"
+
+
+def step_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    dirs = step_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, config_yaml: str,
+                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep: int | None = None) -> Path:
+    """Write ``run_dir/step_<step>`` atomically and prune to the newest ``keep``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=run_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / OPTIMIZER_FILE)
+        # The state file is written last: a directory without it is never treated as complete.
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
+            json.dump({"step": step, **trainer_state}, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            # Re-saving a step (after a resume): move the old one aside first so that some complete
+            # copy exists at every moment.
+            old = run_dir / f".step_{step}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for _, path in step_dirs(run_dir)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise MetasftError(f"{checkpoint}: not a complete metasft checkpoint (no {STATE_FILE})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MetasftError(f"{path}: unreadable trainer state ({exc.msg})") from exc
+
+
+def load_model_weights(model, checkpoint: str | os.PathLike, lora: bool) -> None:
+    """Load a checkpoint's weights into ``model`` in place (exact fp32 values, for resume)."""
+    checkpoint = Path(checkpoint)
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        file = checkpoint / "adapter_model.safetensors"
+        if not file.is_file():
+            raise MetasftError(f"{checkpoint}: no adapter_model.safetensors (is this a LoRA checkpoint?)")
+        state = load_file(file)
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        result = set_peft_model_state_dict(model, state)
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if len(state) == 0 or missing:
+            raise MetasftError(f"{checkpoint}: adapter does not match the model (missing {missing[:1] or expected})")
+        return
+    files = sorted(checkpoint.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("adapter_")]
+    if not files:
+        raise MetasftError(f"{checkpoint}: no model safetensors (is this a full-weight checkpoint?)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise MetasftError(f"{checkpoint}: weights do not fit this model ({first[1].strip() if len(first) > 1 else first[0]})") from exc
+    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
+    real_missing = [k for k in missing if not _is_tied_to_loaded(model, k, loaded)]
+    if unexpected or real_missing:
+        what = f"unexpected {unexpected[0]}" if unexpected else f"missing {real_missing[0]}"
+        raise MetasftError(f"{checkpoint}: weights do not fit this model ({what})")
+
+
+def _is_tied_to_loaded(model, key: str, loaded_ptrs: set[int]) -> bool:
+    try:
+        tensor = model.get_parameter(key)
+    except AttributeError:
+        try:
+            tensor = model.get_buffer(key)
+        except AttributeError:
+            return False
+        return True  # non-persistent buffers (e.g. rotary inv_freq) are rebuilt by the model
+    return tensor.data_ptr() in loaded_ptrs
+
+
+def load_optimizer_state(checkpoint: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+    path = Path(checkpoint) / OPTIMIZER_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise MetasftError(f"{path}: cannot read optimizer state ({exc})") from exc
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise MetasftError(f"{path}: optimizer state does not match this run ({exc})") from exc
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])

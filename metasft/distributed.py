@@ -1,0 +1,80 @@
+"""Process-group set-up and collectives. A single process is world size 1 of the same path.
+
+    torchrun --nproc_per_node=2 -m metasft train --config-name fomaml ...
+
+Reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), uses gloo on CPU and nccl on
+GPU, and gives rank-0-only printing. Collectives are no-ops at world size 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device_type: str) -> DistEnv:
+    """Join torchrun's process group when launched by it; otherwise world size 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    env = DistEnv(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=float(os.environ.get("METASFT_DIST_TIMEOUT", "600")))
+        if device_type == "cuda":
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors across ranks in place, as one flat buffer (one collective, not one per tensor)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def all_reduce_scalars(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    buf = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shard(items: list, env: DistEnv) -> list:
+    """This rank's share of a list (round robin), identical for every run with the same world size."""
+    return items[env.rank::env.world_size]

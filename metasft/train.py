@@ -1,0 +1,303 @@
+"""``metasft train``: the meta-training loop, top to bottom.
+
+    metasft train --config-name fomaml model.partial_pretrain=/models/qwen meta.tasks_dir=data/maml
+    torchrun --nproc_per_node=2 -m metasft train --config-name fomaml ...   # task-parallel
+
+Each meta-step: sample ``meta_batch_size`` tasks, let the algorithm add every task's contribution
+to the meta-gradient (adapting on support, scoring on query), all-reduce it across ranks, clip,
+and take one outer-optimizer step. Logging, held-out evaluation and checkpoints hang off the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from metasft import distributed
+from metasft.adapt import adapt_and_score
+from metasft.algorithms import InnerLoop, build_algorithm
+from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_trainer_state,
+                                save_checkpoint)
+from metasft.config import Config
+from metasft.data.episodes import EpisodeSampler
+from metasft.data.tasks import load_tasks
+from metasft.errors import ConfigError, MetasftError
+from metasft.loggers import MetricLogger
+from metasft.model import count_parameters, is_peft_model, load_model, load_tokenizer, trainable_named_parameters
+
+
+def resolve_device(name: str, env: distributed.DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device: {name} requested but CUDA is not available")
+        return torch.device(f"cuda:{env.local_rank}") if name == "cuda" else torch.device(name)
+    return torch.device("cpu")
+
+
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.meta.outer_lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.meta.outer_lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay, foreach=True)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Outer learning rate for 0-based meta-step ``step``: linear warmup, then constant/cosine/linear.
+    A pure function of the step, so resuming needs no scheduler state."""
+    base, total = cfg.meta.outer_lr, cfg.trainer.total_training_steps
+    warmup = int(cfg.optim.warmup_steps_ratio * total)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if cfg.optim.lr_scheduler == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = cfg.optim.min_lr_ratio
+    if cfg.optim.lr_scheduler == "cosine":
+        return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return base * (1 - (1 - floor) * progress)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+class Trainer:
+    """Holds the pieces of one run; ``fit()`` is the loop."""
+
+    def __init__(self, cfg: Config, env: distributed.DistEnv):
+        self.cfg, self.env = cfg, env
+        self.device = resolve_device(cfg.trainer.device, env)
+        self.run_dir = Path(cfg.trainer.default_local_dir)
+        torch.manual_seed(cfg.trainer.seed)
+        self.algorithm = build_algorithm(cfg.meta)
+        if self.algorithm.second_order and cfg.model.attn_implementation not in (None, "sdpa", "eager"):
+            # Fused kernels (flash-attn & co.) have no double backward; sdpa under the math kernel
+            # does. Switch quietly: correctness of the meta-gradient is not the user's problem.
+            cfg.model.attn_implementation = "sdpa"
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_model(cfg.model).to(self.device)
+        self.model.train()
+        self.lora = is_peft_model(self.model)
+        tasks = load_tasks(cfg.meta, cfg.data, self.tokenizer)
+        self.train_tasks = [t for t in tasks if not t.held_out]
+        self.held_out_tasks = [t for t in tasks if t.held_out]
+        self.pad_id = self.tokenizer.pad_token_id
+        self.sampler = EpisodeSampler(
+            self.train_tasks, episodic=self.algorithm.episodic, meta_batch_size=cfg.meta.meta_batch_size,
+            inner_batch_size=cfg.meta.inner_batch_size, query_batch_size=cfg.meta.query_batch_size,
+            num_inner_steps=cfg.meta.num_inner_steps, seed=cfg.trainer.seed, pad_token_id=self.pad_id,
+            device=self.device)
+        self.named_params = trainable_named_parameters(self.model)
+        self.engine = InnerLoop(self.model, self.named_params, cfg.meta.inner_lr, cfg.meta.num_inner_steps,
+                                autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
+                                force_math_attention=self.algorithm.second_order)
+        self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params])
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self._resume()
+
+    # ------------------------------------------------------------------ resume / save
+    def _resume(self) -> None:
+        mode = self.cfg.trainer.resume_mode
+        if mode == "disable":
+            return
+        checkpoint = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        if checkpoint is None:
+            return
+        if not checkpoint.is_dir():
+            raise ConfigError(f"trainer.resume_mode: checkpoint {checkpoint} not found")
+        state = read_trainer_state(checkpoint)
+        load_model_weights(self.model, checkpoint, lora=self.lora)
+        load_optimizer_state(checkpoint, self.optimizer)
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        if self.env.is_main:
+            print(f"metasft: resumed from {checkpoint} at meta-step {self.step}", file=sys.stderr)
+
+    def save(self) -> Path | None:
+        path = None
+        if self.env.is_main:
+            state = {"sampler": self.sampler.state_dict(), "nonfinite_total": self.nonfinite_total,
+                     "nonfinite_streak": self.nonfinite_streak, "algorithm": self.algorithm.name, "lora": self.lora}
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.cfg.to_yaml(),
+                                   self.optimizer, state, keep=self.cfg.trainer.keep)
+        distributed.barrier()
+        return path
+
+    # ------------------------------------------------------------------ one meta-step
+    def meta_step(self, want_logs: bool) -> dict:
+        cfg = self.cfg
+        lr = learning_rate(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        episodes, num_tasks = self.sampler.episodes(self.step, mine=lambda ids: distributed.shard(ids, self.env))
+        weight = self.algorithm.task_weight(num_tasks)
+        engine = self.engine
+        engine.snapshot()
+        engine.zero_meta_grad()
+        task_metrics = [self.algorithm.run_task(engine, ep, weight, want_pre=want_logs) for ep in episodes]
+        engine.restore()
+        distributed.all_reduce_sum_(engine.meta_grad)
+
+        local_finite = all(m.finite for m in task_metrics)
+        sums = [sum(m.tokens for m in task_metrics), float(not local_finite),
+                sum(m.extra.get("loss_part", 0.0) for m in task_metrics)]
+        for attr in ("query_loss_pre", "query_loss_post", "support_loss_first"):
+            values = [getattr(m, attr) for m in task_metrics if getattr(m, attr) is not None]
+            sums += [sum(values), len(values)]
+        sums = distributed.all_reduce_scalars(sums, self.device)
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(engine.meta_grad))).item()
+        finite = sums[1] == 0 and math.isfinite(grad_norm)
+        if finite:
+            engine.write_meta_grad()
+            if cfg.optim.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(engine.params, cfg.optim.clip_grad, foreach=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        metrics = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                   "tokens": int(sums[0]), "tokens_per_s": sums[0] / elapsed, "step_time_s": elapsed,
+                   "nonfinite_skipped": self.nonfinite_total}
+        names = ("query_loss_pre", "query_loss_post", "support_loss")
+        for i, name in enumerate(names):
+            total, count = sums[3 + 2 * i], sums[4 + 2 * i]
+            metrics[name] = total / count if count else None
+        if not self.algorithm.episodic:
+            metrics["loss"] = sums[2]
+        return metrics
+
+    def evaluate_held_out(self) -> dict:
+        """Adapt to each held-out task as `metasft adapt` would and average its query losses."""
+        mine = distributed.shard(self.held_out_tasks, self.env)
+        cfg = self.cfg
+        sums = [0.0, 0.0, 0.0]
+        for task in mine:
+            scores = adapt_and_score(self.engine, task, num_steps=cfg.meta.num_inner_steps,
+                                     batch_size=cfg.meta.inner_batch_size, eval_batch_size=cfg.meta.query_batch_size,
+                                     seed=cfg.trainer.seed, pad_token_id=self.pad_id)
+            sums = [sums[0] + scores["query_loss_pre"], sums[1] + scores["query_loss_post"], sums[2] + 1]
+        sums = distributed.all_reduce_scalars(sums, self.device)
+        if not sums[2]:
+            return {}
+        return {"heldout/query_loss_pre": sums[0] / sums[2], "heldout/query_loss_post": sums[1] / sums[2]}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Path | None:
+        cfg, t = self.cfg, self.cfg.trainer
+        total = t.total_training_steps
+        logger = MetricLogger(t.logger, self.run_dir, t.project_name, t.experiment_name, cfg.to_dict(),
+                              resume_step=self.step, enabled=self.env.is_main)
+        display = _ConsoleDisplay(total, self.step, enabled=self.env.is_main and "console" in t.logger)
+        last_saved = None
+        try:
+            while self.step < total:
+                want_logs = (self.step + 1) % t.log_freq == 0 or self.step + 1 == total
+                metrics = self.meta_step(want_logs)
+                if self.nonfinite_streak >= t.max_nonfinite_steps:
+                    raise MetasftError(
+                        f"training stopped at meta-step {self.step}: non-finite loss or gradient for "
+                        f"{self.nonfinite_streak} consecutive meta-steps (lower meta.inner_lr/meta.outer_lr, or "
+                        f"use trainer.precision=fp32); last checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
+                if held_out_due := (self.held_out_tasks and t.test_freq > 0
+                                    and (self.step % t.test_freq == 0 or self.step == total)):
+                    metrics.update(self.evaluate_held_out())
+                if want_logs or held_out_due:
+                    logger.log(self.step, metrics)
+                display.update(self.step, metrics)
+                if self.step == total or (t.save_freq > 0 and self.step % t.save_freq == 0):
+                    last_saved = self.save()
+        finally:
+            display.close()
+            logger.close()
+        return last_saved or latest_checkpoint(self.run_dir)
+
+
+class _ConsoleDisplay:
+    """A rich progress bar (meta-step, query loss before → after adaptation, tokens/s, ETA) on a
+    terminal; plain lines when output is redirected."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.every = max(1, total // 20)
+        if self.console.is_terminal:
+            self.progress = Progress(TextColumn("meta-step"), MofNCompleteColumn(), BarColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("train", total=total, completed=start, info="")
+            self.progress.start()
+        self.total = total
+
+    @staticmethod
+    def _info(metrics: dict) -> str:
+        parts = []
+        if metrics.get("query_loss_post") is not None:
+            pre = metrics.get("query_loss_pre")
+            parts.append(f"query {pre:.3f} → {metrics['query_loss_post']:.3f}" if pre is not None
+                         else f"query {metrics['query_loss_post']:.3f}")
+        if metrics.get("loss") is not None:
+            parts.append(f"loss {metrics['loss']:.3f}")
+        if metrics.get("heldout/query_loss_post") is not None:
+            parts.append(f"held-out {metrics['heldout/query_loss_pre']:.3f} → {metrics['heldout/query_loss_post']:.3f}")
+        parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+        return " | ".join(parts)
+
+    def update(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=self._info(metrics))
+        elif step % self.every == 0 or step == self.total:
+            self.console.print(f"meta-step {step}/{self.total} | {self._info(metrics)}", highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def train(cfg: Config) -> Path | None:
+    """Run meta-training for ``cfg``; returns the last checkpoint directory."""
+    device_type = "cuda" if cfg.trainer.device.startswith("cuda") or (
+        cfg.trainer.device == "auto" and torch.cuda.is_available()) else "cpu"
+    env = distributed.init(device_type)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is the one to read
+    try:
+        if cfg.model.partial_pretrain is None:
+            raise ConfigError("model.partial_pretrain: not set; give a local model directory or a hub id")
+        if env.is_main:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold]metasft train[/bold] resolved config:\n{cfg.to_yaml()}", highlight=False)
+        trainer = Trainer(cfg, env)
+        if env.is_main:
+            total, trainable = count_parameters(trainer.model)
+            print(f"metasft: {cfg.meta.algorithm} on {len(trainer.train_tasks)} tasks "
+                  f"({len(trainer.held_out_tasks)} held out); parameters {total:,} total, {trainable:,} meta-learned"
+                  f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", file=sys.stderr)
+        return trainer.fit()
+    finally:
+        distributed.shutdown()
