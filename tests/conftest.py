@@ -56,3 +56,40 @@ def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+# ----------------------------------------------------------------------------- task data helpers
+
+def cipher_rows(seed: int, n: int, symbols: int = 6, length: int = 4) -> list[dict]:
+    """Rows of a substitution task: prompt 'map: 1 5 2 4', response ' 3 2 4 5' under a per-seed key."""
+    import random
+
+    rng = random.Random(seed)
+    key = list(range(symbols))
+    rng.shuffle(key)
+    rows = []
+    for _ in range(n):
+        xs = [rng.randrange(symbols) for _ in range(length)]
+        rows.append({"prompt": "map: " + " ".join(map(str, xs)), "response": " " + " ".join(str(key[x]) for x in xs)})
+    return rows
+
+
+def write_tasks(root, n_tasks: int, n_support: int, n_query: int, held_out: int = 0) -> list[str]:
+    """Write parquet support/query files for ``n_tasks`` cipher tasks; return ``meta.tasks`` overrides
+    as one YAML flow list (the last ``held_out`` tasks are held out)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    entries = []
+    for t in range(n_tasks):
+        rows = cipher_rows(1000 + t, n_support + n_query)
+        task_dir = root / f"task{t}"
+        task_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows[:n_support]), task_dir / "support.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[n_support:]), task_dir / "query.parquet")
+        entries.append(f"{{name: task{t}, support_files: [{task_dir}/support.parquet], "
+                       f"query_files: [{task_dir}/query.parquet], held_out: {str(t >= n_tasks - held_out).lower()}}}")
+    return ["meta.tasks=[" + ", ".join(entries) + "]"]
