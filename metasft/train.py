@@ -270,7 +270,7 @@ class _ConsoleDisplay:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=self._info(metrics))
         elif step % self.every == 0 or step == self.total:
-            self.console.print(f"meta-step {step}/{self.total} | {self._info(metrics)}", highlight=False)
+            self.console.print(f"meta-step {step}/{self.total} | {self._info(metrics)}", markup=False, highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -291,7 +291,9 @@ def train(cfg: Config) -> Path | None:
         if env.is_main:
             from rich.console import Console
 
-            Console(stderr=True).print(f"[bold]metasft train[/bold] resolved config:\n{cfg.to_yaml()}", highlight=False)
+            console = Console(stderr=True)
+            console.print("[bold]metasft train[/bold] resolved config:")
+            console.print(cfg.to_yaml(), markup=False, highlight=False)
         trainer = Trainer(cfg, env)
         if env.is_main:
             total, trainable = count_parameters(trainer.model)

@@ -1,0 +1,178 @@
+"""`metasft train` end to end on a tiny Llama: the exact one-step update of every algorithm,
+LoRA scope, checkpoints that load with transformers/peft, and bit-exact resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from metasft.cli import main
+from metasft.data.collate import collate
+from metasft.data.formatting import rows_to_examples
+from metasft.data.io import read_rows
+from metasft.data.tokenize import encode_examples
+
+from conftest import write_tasks
+from references import ref_adapt, ref_loss
+
+N_TASKS, N_SUPPORT, N_QUERY, INNER_LR, K = 3, 4, 3, 0.2, 2
+
+EXACT = ["optim.name=sgd", "meta.outer_lr=1", "optim.clip_grad=null", "optim.weight_decay=0",
+         "trainer.total_training_steps=1", "trainer.precision=fp32", f"meta.meta_batch_size={N_TASKS}",
+         "meta.inner_batch_size=64", "meta.query_batch_size=64", f"meta.inner_lr={INNER_LR}",
+         f"meta.num_inner_steps={K}", "data.chat_template=none", "optim.lr_scheduler=constant",
+         "trainer.logger=[jsonl]", "trainer.device=cpu"]
+
+
+def run_train(model_dir, run_dir, overrides, algorithm="fomaml"):
+    code = main(["train", f"model.partial_pretrain={model_dir}", f"meta.algorithm={algorithm}",
+                 f"trainer.default_local_dir={run_dir}", *overrides])
+    assert code == 0
+
+
+def whole_set_batches(task_dir, tokenizer):
+    batches = []
+    for split in ("support", "query"):
+        examples, _ = rows_to_examples(read_rows(task_dir / f"{split}.parquet"), split)
+        batches.append(collate(encode_examples(examples, tokenizer, 1024, chat_template="none"), tokenizer.pad_token_id))
+    return batches
+
+
+def reference_meta_gradient(model, algorithm, tasks_root, tokenizer):
+    """Float64 meta-gradient over all tasks, whole sets as batches (every inner step the same)."""
+    model = model.double()
+    theta = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    for t in range(N_TASKS):
+        support, query = whole_set_batches(tasks_root / f"task{t}", tokenizer)
+        if algorithm == "maml":
+            from torch.func import functional_call
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            names = list(theta)
+            call = lambda w, b: ref_loss(lambda **kw: functional_call(model, dict(zip(names, w)), args=(), kwargs=kw), b)  # noqa: E731
+            with sdpa_kernel(SDPBackend.MATH):
+                fast = list(theta.values())
+                for _ in range(K):
+                    grads = torch.autograd.grad(call(fast, support), fast, create_graph=True)
+                    fast = [w - INNER_LR * g for w, g in zip(fast, grads)]
+                grads = torch.autograd.grad(call(fast, query), list(theta.values()))
+            contribution = dict(zip(names, grads))
+        else:
+            adapted = ref_adapt(model, [support] * K, lr=INNER_LR)
+            if algorithm == "fomaml":
+                adapted.zero_grad()
+                ref_loss(adapted, query).backward()
+                contribution = {n: p.grad for n, p in adapted.named_parameters()}
+            else:  # reptile
+                contribution = {n: theta[n].detach() - p.detach() for n, p in adapted.named_parameters()}
+        for n in total:
+            total[n] += contribution[n] / N_TASKS
+    return total
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "maml", "reptile"])
+def test_one_sgd_meta_step_moves_weights_by_minus_the_meta_gradient(tmp_path, tiny_llama_tied_dir, tokenizer, algorithm):
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    run_train(tiny_llama_tied_dir, tmp_path / "run", EXACT + overrides, algorithm)
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "step_1")
+    grads = reference_meta_gradient(before, algorithm, tmp_path / "tasks", tokenizer)
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir)
+    deltas = {n: (a.detach().double() - b.detach().double())
+              for (n, a), (_, b) in zip(after.named_parameters(), before.named_parameters())}
+    num = sum(((deltas[n] + grads[n]) ** 2).sum() for n in grads) ** 0.5
+    den = sum((grads[n] ** 2).sum() for n in grads) ** 0.5
+    assert float(num / den) <= 1e-4
+    assert after.lm_head.weight is after.model.embed_tokens.weight  # still tied after the update
+
+
+def test_lora_run_keeps_base_weights_and_saves_a_peft_adapter(tmp_path, tiny_llama_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    run_train(tiny_llama_dir, tmp_path / "run", EXACT + overrides + [
+        "model.lora_rank=4", "model.lora_alpha=8", "trainer.total_training_steps=2", "optim.name=adamw",
+        "meta.outer_lr=0.01"])
+    step = tmp_path / "run" / "step_2"
+    assert (step / "adapter_model.safetensors").is_file() and not (step / "model.safetensors").exists()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(step)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    base_state = base.state_dict()
+    lora_b_moved = False
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            lora_b_moved |= "lora_B" in name and bool(param.abs().sum() > 0)
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(param, base_state[key]), name
+    assert lora_b_moved
+    assert len(load_file(step / "adapter_model.safetensors")) > 0
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, tiny_llama_dir):
+    overrides = write_tasks(tmp_path / "tasks", 4, 8, 4) + [
+        "meta.meta_batch_size=2", "meta.inner_batch_size=3", "meta.query_batch_size=3", "meta.num_inner_steps=2",
+        "trainer.total_training_steps=4", "trainer.save_freq=2", "optim.name=adamw", "meta.outer_lr=0.003",
+        "optim.lr_scheduler=cosine", "optim.warmup_steps_ratio=0.25", "data.chat_template=none",
+        "trainer.logger=[jsonl]", "trainer.device=cpu"]
+    run_train(tiny_llama_dir, tmp_path / "straight", overrides)
+    run_train(tiny_llama_dir, tmp_path / "broken", overrides + ["trainer.total_training_steps=4"])
+    # Interrupt after step 2: drop what came later and resume from the step-2 checkpoint.
+    import shutil
+
+    shutil.rmtree(tmp_path / "broken" / "step_4")
+    run_train(tiny_llama_dir, tmp_path / "broken", overrides)
+    a = load_file(tmp_path / "straight" / "step_4" / "model.safetensors")
+    b = load_file(tmp_path / "broken" / "step_4" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    assert any(not torch.equal(a[k], first[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_train_logs_metrics_and_held_out_evaluation(tmp_path, tiny_llama_dir):
+    overrides = write_tasks(tmp_path / "tasks", 4, 6, 4, held_out=1) + [
+        "meta.meta_batch_size=2", "meta.inner_batch_size=3", "meta.query_batch_size=4", "meta.num_inner_steps=2",
+        "meta.inner_lr=0.05", "meta.outer_lr=0.003", "trainer.total_training_steps=3", "trainer.test_freq=3",
+        "trainer.keep=1", "trainer.save_freq=1", "data.chat_template=none", "trainer.logger=[jsonl,tensorboard]",
+        "trainer.precision=bf16", "trainer.device=cpu"]
+    run_train(tiny_llama_dir, tmp_path / "run", overrides)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    last = records[-1]
+    for key in ("query_loss_pre", "query_loss_post", "tokens_per_s", "grad_norm", "heldout/query_loss_pre",
+                "heldout/query_loss_post"):
+        assert isinstance(last[key], float), key
+    assert [p.name for p in (tmp_path / "run").glob("step_*")] == ["step_3"]  # keep=1
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_sft_baseline_trains(tmp_path, tiny_llama_dir):
+    overrides = write_tasks(tmp_path / "tasks", 3, 6, 4) + [
+        "meta.meta_batch_size=3", "meta.inner_batch_size=4", "meta.outer_lr=0.01", "trainer.total_training_steps=4",
+        "data.chat_template=none", "trainer.logger=[jsonl]", "trainer.device=cpu"]
+    run_train(tiny_llama_dir, tmp_path / "run", overrides, algorithm="sft")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_gradient_checkpointing_gives_the_same_fomaml_update(tmp_path, tiny_llama_dir):
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    run_train(tiny_llama_dir, tmp_path / "plain", EXACT + overrides)
+    run_train(tiny_llama_dir, tmp_path / "ckpt", EXACT + overrides + ["model.enable_gradient_checkpointing=true"])
+    a = load_file(tmp_path / "plain" / "step_1" / "model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "step_1" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_maml_with_gradient_checkpointing_is_refused(tmp_path, tiny_llama_dir, capsys):
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    code = main(["train", f"model.partial_pretrain={tiny_llama_dir}", "meta.algorithm=maml",
+                 "model.enable_gradient_checkpointing=true", *overrides])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.enable_gradient_checkpointing" in err[0]
