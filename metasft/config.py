@@ -133,7 +133,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def validate(self) -> None:
         """Check values and combinations; resolve ``meta.algorithm`` from ``meta.use_fomaml``."""

@@ -291,7 +291,7 @@ def train(cfg: Config) -> Path | None:
         if env.is_main:
             from rich.console import Console
 
-            console = Console(stderr=True)
+            console = Console()  # stdout: the resolved config is output, errors go to stderr
             console.print("[bold]metasft train[/bold] resolved config:")
             console.print(cfg.to_yaml(), markup=False, highlight=False)
         trainer = Trainer(cfg, env)
