@@ -1,23 +1,59 @@
 """Few-shot adaptation of θ to one task, shared by the trainer's held-out evaluation, ``metasft
 adapt`` and the benchmark, so every number in metasft comes from one protocol.
 
-By default it adapts the way MAML-style training optimises for: K plain-SGD steps at ``inner_lr``
-on support batches of ``inner_batch_size`` drawn by the same batch schedule as training.
+    metasft adapt --checkpoint runs/fomaml/step_1000 --data data/maml/legal/support.parquet \\
+        --n-shots 10 --output adapted/legal
+
+By default it adapts the way MAML-style training optimises for: plain SGD at ``inner_lr`` for
+``num_inner_steps`` steps on batches of ``inner_batch_size``, drawn by the training batch schedule.
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from metasft.algorithms.inner_loop import InnerLoop
 from metasft.data.collate import collate
-from metasft.data.tasks import BatchSchedule, Task
-from metasft.losses import token_loss_sum, forward_logits
+from metasft.data.tasks import BatchSchedule, Task, stable_seed
+from metasft.data.tokenize import Encoded
+from metasft.losses import forward_logits, token_loss_sum
+
+
+def select_shots(num_rows: int, n_shots: int, seed: int, task: str) -> list[int]:
+    """The ``n_shots`` support rows of a few-shot episode: a seeded choice, the same for every method."""
+    order = np.random.default_rng([stable_seed(seed, task, "shots")]).permutation(num_rows)
+    return sorted(order[:n_shots].tolist())
+
+
+def adapt_rows(engine: InnerLoop, rows: list[Encoded], *, steps: int, batch_size: int, lr: float, seed: int,
+               task: str, pad_token_id: int, optimizer: str = "sgd") -> None:
+    """Fine-tune the engine's parameters in place on ``rows``: ``steps`` steps of ``batch_size``
+    rows (the whole set when it is smaller), plain SGD at ``lr`` or AdamW."""
+    schedule = BatchSchedule(len(rows), batch_size, seed, task, "adapt")
+    batches = []
+    for _ in range(steps):
+        chunk = [rows[i] for i in schedule.next_indices()]
+        batches.append({k: v.to(engine.device) for k, v in collate(chunk, pad_token_id).items()})
+    saved_lr = engine.inner_lr
+    engine.inner_lr = lr
+    try:
+        inner_optimizer = torch.optim.AdamW(engine.params, lr=lr, weight_decay=0.0) if optimizer == "adamw" else None
+        engine.adapt_in_place(batches, optimizer=inner_optimizer)
+    finally:
+        engine.inner_lr = saved_lr
+
+
+def steps_for_epochs(num_rows: int, batch_size: int, epochs: int) -> int:
+    return epochs * max(1, math.ceil(num_rows / batch_size)) if batch_size < num_rows else epochs
 
 
 @torch.no_grad()
-def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int) -> tuple[float, int]:
-    """Token-mean loss over all ``rows`` (batched), at the model's current weights; and the count."""
+def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int) -> float:
+    """Token-mean loss over all ``rows`` (batched), at the model's current weights."""
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(engine.device) for k, v in collate(rows[start:start + batch_size], pad_token_id).items()}
@@ -25,7 +61,7 @@ def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int) ->
             s, n = token_loss_sum(forward_logits(engine.model, batch), batch["labels"])
         total += float(s)
         count += int(n)
-    return total / max(count, 1), count
+    return total / max(count, 1)
 
 
 def adapt_and_score(engine: InnerLoop, task: Task, *, num_steps: int, batch_size: int, eval_batch_size: int,
@@ -33,14 +69,80 @@ def adapt_and_score(engine: InnerLoop, task: Task, *, num_steps: int, batch_size
     """Query loss of ``task`` before and after ``num_steps`` inner SGD steps from θ; θ is put back."""
     engine.snapshot()
     try:
-        pre, _ = dataset_loss(engine, task.query, eval_batch_size, pad_token_id)
-        schedule = BatchSchedule(len(task.support), batch_size, seed, task.name, "adapt")
-        batches = []
-        for _ in range(num_steps):
-            rows = [task.support[i] for i in schedule.next_indices()]
-            batches.append({k: v.to(engine.device) for k, v in collate(rows, pad_token_id).items()})
-        engine.adapt_in_place(batches)
-        post, _ = dataset_loss(engine, task.query, eval_batch_size, pad_token_id)
+        pre = dataset_loss(engine, task.query, eval_batch_size, pad_token_id)
+        adapt_rows(engine, task.support, steps=num_steps, batch_size=batch_size, lr=engine.inner_lr, seed=seed,
+                   task=task.name, pad_token_id=pad_token_id)
+        post = dataset_loss(engine, task.query, eval_batch_size, pad_token_id)
     finally:
         engine.restore()
     return {"query_loss_pre": pre, "query_loss_post": post}
+
+
+def adapt_command(args) -> Path:
+    """``metasft adapt``: load, adapt on a seeded choice of ``--n-shots`` rows, save atomically."""
+    import json
+    import shutil
+    import tempfile
+
+    from metasft.checkpoint import load_pretrained
+    from metasft.config import DataConfig
+    from metasft.data.formatting import rows_to_examples
+    from metasft.data.io import read_rows
+    from metasft.data.tokenize import encode_examples
+    from metasft.distributed import DistEnv
+    from metasft.errors import MetasftError
+    from metasft.model import trainable_named_parameters
+    from metasft.train import resolve_device
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise MetasftError(f"--output {output}: already exists and is not empty; choose a new directory")
+    for flag in ("n_shots", "steps", "epochs", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise MetasftError(f"--{flag.replace('_', '-')}: {value} must be >= 1")
+    if args.lr is not None and not args.lr > 0:
+        raise MetasftError(f"--lr: {args.lr} must be > 0")
+    model, tokenizer, saved = load_pretrained(args.checkpoint)
+    meta = saved.meta if saved is not None else None
+    lr = args.lr if args.lr is not None else (meta.inner_lr if meta else None)
+    batch_size = args.batch_size or (meta.inner_batch_size if meta else 8)
+    if lr is None or (args.steps is None and args.epochs is None and meta is None):
+        raise MetasftError(f"--checkpoint {args.checkpoint}: has no meta-training settings; give --lr and --steps or --epochs")
+    data_cfg = saved.data if saved is not None else DataConfig()
+    examples, _ = rows_to_examples(read_rows(args.data), args.data, data_cfg.prompt_key, data_cfg.response_key,
+                                   data_cfg.messages_key)
+    if args.n_shots > len(examples):
+        raise MetasftError(f"--n-shots: {args.n_shots} exceeds the {len(examples)} rows of {args.data}")
+    rows = encode_examples(examples, tokenizer, data_cfg.max_length, data_cfg.truncation, data_cfg.chat_template)
+    shots = [rows[i] for i in select_shots(len(rows), args.n_shots, args.seed, "adapt")]
+    batch_size = min(batch_size, len(shots))
+    if args.steps is not None:
+        steps = args.steps
+    elif args.epochs is not None:
+        steps = steps_for_epochs(len(shots), batch_size, args.epochs)
+    else:
+        steps = meta.num_inner_steps
+    device = resolve_device(args.device, DistEnv())
+    model.to(device).train()
+    torch.manual_seed(args.seed)
+    engine = InnerLoop(model, trainable_named_parameters(model), lr, steps)
+    adapt_rows(engine, shots, steps=steps, batch_size=batch_size, lr=lr, seed=args.seed, task="adapt",
+               pad_token_id=tokenizer.pad_token_id, optimizer=args.optimizer)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n_shots": args.n_shots, "steps": steps,
+                "batch_size": batch_size, "lr": lr, "optimizer": args.optimizer, "seed": args.seed}
+        (tmp / "adapt_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if output.exists():
+            output.rmdir()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"metasft: adapted {args.checkpoint} on {args.n_shots} rows ({steps} {args.optimizer} steps, lr {lr:g}) "
+          f"-> {output}")
+    return output

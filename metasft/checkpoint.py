@@ -175,3 +175,41 @@ def load_optimizer_state(checkpoint: str | os.PathLike, optimizer: torch.optim.O
     torch.set_rng_state(state["torch_rng"])
     if torch.cuda.is_available() and state.get("cuda_rng"):
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def load_pretrained(path: str | os.PathLike, key: str = "--checkpoint"):
+    """Load a model directory for adaptation or evaluation: a metasft checkpoint (full or LoRA),
+    or any ``save_pretrained`` directory / hub id (the un-meta-trained base model).
+
+    Returns ``(model, tokenizer, config_or_None)``; LoRA checkpoints come back as a trainable
+    ``PeftModel`` over their base model, so adapting one adapts only the adapter.
+    """
+    from metasft.config import Config, ModelConfig, load_yaml
+    from metasft.model import load_model, load_tokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise MetasftError(f"{key} {path}: no such checkpoint directory")
+    saved_cfg = None
+    if (path / CONFIG_FILE).is_file():
+        saved_cfg = Config.from_dict(load_yaml(path / CONFIG_FILE))
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        try:
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=True)
+        except (OSError, ValueError) as exc:
+            raise MetasftError(f"{key} {path}: cannot load the LoRA adapter or its base model ({str(exc).splitlines()[0]})") from exc
+    else:
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise MetasftError(f"{key} {path}: not a model directory (no config.json or adapter_config.json)")
+        model = load_model(ModelConfig(partial_pretrain=str(path)))
+        for param in model.parameters():
+            param.requires_grad_(True)
+    try:
+        tokenizer = load_tokenizer(ModelConfig(partial_pretrain=str(path)))
+    except MetasftError:
+        if saved_cfg is None or not saved_cfg.model.partial_pretrain:
+            raise
+        tokenizer = load_tokenizer(saved_cfg.model)
+    return model, tokenizer, saved_cfg

@@ -83,6 +83,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from metasft.adapt import adapt_command
+
+    adapt_command(args)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from metasft.evaluate import eval_command
+
+    eval_command(args)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from metasft.bench import load_bench_config, run_bench
+
+    run_bench(load_bench_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from metasft.demo import METHODS, run_demo
+
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    run_demo(args.out, args.budget, methods, args.n_shots, args.seeds)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metasft", description="Meta-learning supervised fine-tuning for causal LMs "
                      "(MAML, FOMAML, Reptile, META-LoRA).")
@@ -131,6 +160,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("adapt", help="fine-tune a checkpoint on N examples of a new task",
+                       description="Few-shot adaptation (full or LoRA, matching the checkpoint). Defaults come from the "
+                                   "checkpoint's meta-training: SGD at meta.inner_lr for meta.num_inner_steps steps on "
+                                   "batches of meta.inner_batch_size. A base model needs --lr and --steps/--epochs.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a metasft checkpoint or any model directory")
+    p.add_argument("--data", required=True, metavar="FILE", help="the task's examples (.parquet/.jsonl/.json/.csv)")
+    p.add_argument("--n-shots", type=int, required=True, metavar="N", help="examples to adapt on (a seeded choice)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, metavar="K", help="adaptation steps")
+    length.add_argument("--epochs", type=int, metavar="E", help="passes over the N examples")
+    p.add_argument("--lr", type=float, help="learning rate (default: the checkpoint's meta.inner_lr)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default: the checkpoint's meta.inner_batch_size)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd (what MAML optimises for)")
+    p.add_argument("--seed", type=int, default=0, help="which examples and their order (default 0)")
+    p.add_argument("--output", required=True, metavar="DIR", help="where to save the adapted model (must not exist)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    _add_common(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("eval", help="query loss, token accuracy, exact match and ROUGE-L of a model on a task",
+                       description="Evaluate a model directory on a data file; prints one JSON object.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a metasft checkpoint or any model directory")
+    p.add_argument("--data", required=True, metavar="FILE", help="rows to evaluate on")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per batch (default 32)")
+    p.add_argument("--max-new-tokens", type=int, help="generation length (default: longest reference + 4)")
+    p.add_argument("--no-generation", action="store_true", help="skip generation (loss and token accuracy only)")
+    p.add_argument("--predictions", action="store_true", help="include the generated texts in the JSON")
+    p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="few-shot benchmark of methods on held-out tasks (table + plot)",
+                       description="Run/evaluate every method of a bench config on held-out tasks × n_shots × seeds "
+                                   "with one shared adaptation protocol; writes results.csv/json/md and adaptation.png.")
+    p.add_argument("--config", required=True, metavar="PATH", help="bench YAML (see docs/bench.md)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the bench config")
+    _add_common(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a synthetic suite and a tiny model (CPU, minutes)",
+                       description="Generate the cipher suite, build a tiny Llama, meta-train sft/fomaml/reptile/maml/"
+                                   "meta_lora for --budget seconds each, benchmark them on held-out tasks.")
+    p.add_argument("--out", default="metasft-demo", metavar="DIR", help="output directory (default ./metasft-demo)")
+    p.add_argument("--budget", type=float, default=60.0, metavar="SECONDS", help="meta-training time per method (default 60)")
+    p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora")
+    p.add_argument("--n-shots", type=int, nargs="+", default=[10, 50], metavar="N", help="default 10 50")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="default 0")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -111,6 +111,7 @@ class TrainerConfig:
     resume_mode: str = _f("auto", "auto (newest checkpoint in default_local_dir), disable, or a checkpoint path.")
     precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast with fp32 master weights.")
     device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N.")
+    time_budget_s: Optional[float] = _f(None, "Stop (and save) after the meta-step that passes this many seconds of training (null = run all steps).")
     log_freq: int = _f(1, "Log metrics every N meta-steps; the pre-adaptation query loss (one extra forward per task) is computed only on these steps.")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive meta-steps with a non-finite loss or gradient.")
 
@@ -193,6 +194,8 @@ class Config:
         if trainer.keep is not None:
             _at_least("trainer.keep", trainer.keep, 1)
         _at_least("trainer.log_freq", trainer.log_freq, 1)
+        if trainer.time_budget_s is not None:
+            _positive("trainer.time_budget_s", trainer.time_budget_s)
         if model.enable_gradient_checkpointing and meta.algorithm == "maml":
             raise ConfigError(
                 "model.enable_gradient_checkpointing: not supported with second-order maml (recomputation "

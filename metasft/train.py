@@ -199,6 +199,11 @@ class Trainer:
         return {"heldout/query_loss_pre": sums[0] / sums[2], "heldout/query_loss_post": sums[1] / sums[2]}
 
     # ------------------------------------------------------------------ the loop
+    def _budget_spent(self, started: float, budget: float) -> bool:
+        # Every rank must stop at the same step: any rank over budget stops them all.
+        over = float(time.monotonic() - started >= budget)
+        return distributed.all_reduce_scalars([over], self.device)[0] > 0
+
     def fit(self) -> Path | None:
         cfg, t = self.cfg, self.cfg.trainer
         total = t.total_training_steps
@@ -206,8 +211,13 @@ class Trainer:
                               resume_step=self.step, enabled=self.env.is_main)
         display = _ConsoleDisplay(total, self.step, enabled=self.env.is_main and "console" in t.logger)
         last_saved = None
+        started = time.monotonic()
         try:
             while self.step < total:
+                if t.time_budget_s is not None and self._budget_spent(started, t.time_budget_s):
+                    if last_saved is None or last_saved.name != f"step_{self.step}":
+                        last_saved = self.save()
+                    break
                 want_logs = (self.step + 1) % t.log_freq == 0 or self.step + 1 == total
                 metrics = self.meta_step(want_logs)
                 if self.nonfinite_streak >= t.max_nonfinite_steps:

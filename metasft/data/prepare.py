@@ -193,6 +193,51 @@ def prepare(
                 report.dropped["balance"] = len(examples) - cap
                 collected[i] = (examples[:cap], report)
 
+    prepared: list[PreparedTask] = []
+    reports = []
+    for entry, (examples, report) in zip(entries, collected):
+        n_support, n_query = _split_sizes(len(examples), entry.support_ratio, support_size, query_size)
+        if n_support == 0 or n_query == 0:
+            raise DataError(
+                f"task {entry.name!r}: {len(examples)} usable rows cannot make a non-empty support and query "
+                f"set (support {n_support}, query {n_query})"
+            )
+        if support_size is not None and n_support < support_size:
+            report.warnings.append(f"support has {n_support} rows, fewer than --support-size {support_size}")
+        if query_size is not None and n_query < query_size:
+            report.warnings.append(f"query has {n_query} rows, fewer than --query-size {query_size}")
+        unused = len(examples) - n_support - n_query
+        if unused:
+            report.dropped["beyond requested sizes"] = unused
+        report.support, report.query = n_support, n_query
+        prepared.append(PreparedTask(
+            name=entry.name, support=examples[:n_support], query=examples[n_support:n_support + n_query],
+            held_out=entry.held_out,
+            info={"rows_read": report.read, "dropped": dict(report.dropped),
+                  "sources": [{"path": str(f), "sha256": _sha256(f)} for f in entry.input_files]}))
+        reports.append(report)
+    options = {"balance": balance, "support_size": support_size, "query_size": query_size,
+               "task_config": str(task_config)}
+    manifest = write_prepared(output_dir, prepared, seed=seed, options=options)
+    return manifest, reports
+
+
+@dataclass
+class PreparedTask:
+    """A task's final support and query examples, ready to be written."""
+
+    name: str
+    support: list[Example]
+    query: list[Example]
+    held_out: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def write_prepared(output_dir: str | os.PathLike, tasks: list[PreparedTask], seed: int,
+                   options: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<output_dir>/<task>/{support,query}.parquet`` and ``manifest.json`` (the layout that
+    ``meta.tasks_dir`` reads). Files go to a staging directory first and are moved into place
+    only when every task is written; the manifest comes last."""
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -200,48 +245,28 @@ def prepare(
     except OSError as exc:
         raise MetasftError(f"--output-dir {output_dir}: cannot write there ({exc.strerror})") from exc
     manifest_tasks: dict[str, Any] = {}
-    reports = []
     try:
-        for entry, (examples, report) in zip(entries, collected):
-            n_support, n_query = _split_sizes(len(examples), entry.support_ratio, support_size, query_size)
-            if n_support == 0 or n_query == 0:
-                raise DataError(
-                    f"task {entry.name!r}: {len(examples)} usable rows cannot make a non-empty support and query "
-                    f"set (support {n_support}, query {n_query})"
-                )
-            if support_size is not None and n_support < support_size:
-                report.warnings.append(f"support has {n_support} rows, fewer than --support-size {support_size}")
-            if query_size is not None and n_query < query_size:
-                report.warnings.append(f"query has {n_query} rows, fewer than --query-size {query_size}")
-            unused = len(examples) - n_support - n_query
-            if unused:
-                report.dropped["beyond requested sizes"] = unused
-            support, query = examples[:n_support], examples[n_support:n_support + n_query]
-            report.support, report.query = len(support), len(query)
-            write_parquet_atomic([_out_row(e) for e in support], staging / entry.name / "support.parquet")
-            write_parquet_atomic([_out_row(e) for e in query], staging / entry.name / "query.parquet")
-            manifest_tasks[entry.name] = {
-                "support_file": f"{entry.name}/support.parquet",
-                "query_file": f"{entry.name}/query.parquet",
-                "held_out": entry.held_out,
-                "format": "messages" if support[0].is_multi_turn else "prompt_response",
-                "support_rows": report.support,
-                "query_rows": report.query,
-                "rows_read": report.read,
-                "dropped": dict(report.dropped),
-                "sources": [{"path": str(f), "sha256": _sha256(f)} for f in entry.input_files],
+        for task in tasks:
+            validate_task_name(task.name, "task")
+            write_parquet_atomic([_out_row(e) for e in task.support], staging / task.name / "support.parquet")
+            write_parquet_atomic([_out_row(e) for e in task.query], staging / task.name / "query.parquet")
+            manifest_tasks[task.name] = {
+                "support_file": f"{task.name}/support.parquet",
+                "query_file": f"{task.name}/query.parquet",
+                "held_out": task.held_out,
+                "format": "messages" if task.support[0].is_multi_turn else "prompt_response",
+                "support_rows": len(task.support),
+                "query_rows": len(task.query),
+                **task.info,
             }
-            reports.append(report)
         manifest = {
             "metasft_manifest_version": MANIFEST_VERSION,
             "seed": seed,
-            "options": {"balance": balance, "support_size": support_size, "query_size": query_size,
-                        "task_config": str(task_config)},
-            "train_tasks": [e.name for e in entries if not e.held_out],
-            "held_out_tasks": [e.name for e in entries if e.held_out],
+            "options": options,
+            "train_tasks": [t.name for t in tasks if not t.held_out],
+            "held_out_tasks": [t.name for t in tasks if t.held_out],
             "tasks": manifest_tasks,
         }
-        # Everything succeeded: move task directories into place, then write the manifest last.
         for name in manifest_tasks:
             target = output_dir / name
             if target.exists():
@@ -250,7 +275,7 @@ def prepare(
         write_json_atomic(manifest, output_dir / MANIFEST)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return manifest, reports
+    return manifest
 
 
 def _out_row(example: Example) -> dict[str, Any]:

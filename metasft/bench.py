@@ -1,0 +1,423 @@
+"""``metasft bench``: does meta-learning pay off? Methods × held-out tasks × n_shots × seeds.
+
+    metasft bench --config bench.yaml
+
+Every method — a train config to run, or an existing checkpoint; the un-meta-trained base model
+and multi-task SFT are always included — is adapted to each held-out task with **one protocol**
+(the same seeded shots, optimizer, learning rate, steps and batch size for all) and evaluated on
+the task's query set. Outputs in ``output_dir``: ``results.csv`` (one row per method, task,
+n_shots, seed), ``results.json``, ``results.md`` (mean and 95% interval over tasks × seeds) and
+``adaptation.png``, with wall time and peak memory per method. A method with a ``grid`` is a
+hyperparameter sweep: its variants are ranked in ``sweep.md`` and the best written to
+``best_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from metasft.config import DataConfig, _build, _f, load_config, load_yaml
+from metasft.errors import ConfigError, MetasftError
+
+METRICS = ("query_loss", "token_accuracy", "exact_match", "rouge_l")
+HIGHER_IS_BETTER = {"query_loss": False, "token_accuracy": True, "exact_match": True, "rouge_l": True}
+
+
+@dataclass
+class MethodSpec:
+    name: str = _f("", "Method name (a column in the tables).")
+    config: Optional[str] = _f(None, "A train config (YAML path) to run.")
+    config_name: Optional[str] = _f(None, "A shipped train config to run (fomaml, maml, reptile, meta_lora, sft).")
+    checkpoint: Optional[str] = _f(None, "An existing checkpoint to evaluate instead of training.")
+    overrides: list[str] = _f([], "Dotted overrides for this method's train config.")
+    grid: list[str] = _f([], "Sweep: 'key=[v1, v2]' entries; every combination becomes a variant.")
+
+
+@dataclass
+class AdaptProtocol:
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "Adaptation optimizer, shared by all methods.")
+    lr: float = _f(0.1, "Adaptation learning rate, shared by all methods.")
+    steps: int = _f(5, "Adaptation steps.")
+    batch_size: int = _f(10, "Examples per adaptation step (all shots when fewer).")
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = _f(32, "Rows per evaluation / generation batch.")
+    max_new_tokens: Optional[int] = _f(None, "Generation length (null: longest reference + 4 tokens).")
+    max_query_rows: Optional[int] = _f(None, "Evaluate on at most this many query rows per task.")
+    generation: bool = _f(True, "Generate for exact match and ROUGE-L (off: loss and token accuracy only).")
+
+
+@dataclass
+class BenchConfig:
+    base_model: str = _f("", "The un-meta-trained model every method starts from (directory or hub id).")
+    tasks_dir: str = _f("", "A prepared directory (`metasft prepare` or the synthetic suite).")
+    held_out_tasks: list[str] = _f([], "Tasks to evaluate on (default: the manifest's held-out tasks).")
+    methods: list[MethodSpec] = _f([], "Methods to compare; base and sft are added when missing.")
+    n_shots: list[int] = _f([10, 50, 100], "Support examples given to each adaptation.")
+    seeds: list[int] = _f([0], "Seeds: which shots are drawn and the adaptation batch order.")
+    adapt: AdaptProtocol = field(default_factory=AdaptProtocol)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train_overrides: list[str] = _f([], "Overrides applied to every trained method (e.g. trainer.total_training_steps=200).")
+    metric: Literal["exact_match", "rouge_l", "token_accuracy", "query_loss"] = _f("exact_match", "Metric of the plot and the sweep ranking.")
+    output_dir: str = _f("bench", "Where results, runs and plots go.")
+    device: str = _f("auto", "Device for adaptation and evaluation.")
+
+
+def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> BenchConfig:
+    from metasft.config import apply_override
+
+    data = load_yaml(path)
+    for override in overrides:
+        apply_override(data, override)
+    cfg = _build(BenchConfig, data, prefix="")
+    if not cfg.base_model:
+        raise ConfigError("base_model: required (the model every method starts from)")
+    if not cfg.tasks_dir:
+        raise ConfigError("tasks_dir: required (a prepared task directory)")
+    for key in ("n_shots", "seeds"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{key}: give at least one value")
+    if any(n < 1 for n in cfg.n_shots):
+        raise ConfigError(f"n_shots: {cfg.n_shots} must all be >= 1")
+    if cfg.adapt.lr <= 0 or cfg.adapt.steps < 1 or cfg.adapt.batch_size < 1:
+        raise ConfigError("adapt: lr must be > 0, steps and batch_size >= 1")
+    names = set()
+    for i, method in enumerate(cfg.methods):
+        sources = [s for s in (method.config, method.config_name, method.checkpoint) if s]
+        if not method.name or len(sources) != 1:
+            raise ConfigError(f"methods[{i}]: give a name and exactly one of config, config_name, checkpoint")
+        if method.name in names or method.name == "base":
+            raise ConfigError(f"methods[{i}].name: {method.name!r} is used twice (or is the reserved 'base')")
+        names.add(method.name)
+        if method.grid and method.checkpoint:
+            raise ConfigError(f"methods[{i}].grid: a checkpoint cannot be swept")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- methods
+
+@dataclass
+class ResolvedMethod:
+    name: str
+    checkpoint: Optional[Path] = None  # evaluate this
+    train_config: Any = None           # or train this Config first
+    sweep_of: Optional[str] = None     # the method a grid variant comes from
+    settings: dict = field(default_factory=dict)
+
+
+def _expand_grid(grid: list[str]) -> list[list[tuple[str, Any]]]:
+    axes = []
+    for entry in grid:
+        if "=" not in entry:
+            raise ConfigError(f"grid: {entry!r} must be key=[v1, v2, ...]")
+        key, raw = entry.split("=", 1)
+        values = yaml.safe_load(raw)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid: {key} must list at least one value, got {raw!r}")
+        axes.append([(key.strip(), v) for v in values])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def resolve_methods(cfg: BenchConfig, out: Path) -> list[ResolvedMethod]:
+    """Turn the config's methods into runs; add the base model and multi-task SFT when missing."""
+    common = [f"model.partial_pretrain={cfg.base_model}", f"meta.tasks_dir={cfg.tasks_dir}", "meta.tasks=[]",
+              "trainer.logger=[jsonl]", "trainer.test_freq=-1"]
+    common += [f"data.{k}={json.dumps(v)}" for k, v in vars(cfg.data).items()]
+    resolved = [ResolvedMethod("base", checkpoint=Path(cfg.base_model))]
+    methods = list(cfg.methods)
+    has_sft = False
+    for method in methods:
+        if method.checkpoint:
+            resolved.append(ResolvedMethod(method.name, checkpoint=Path(method.checkpoint)))
+            continue
+        variants = _expand_grid(method.grid) if method.grid else [[]]
+        for variant in variants:
+            suffix = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant)
+            name = f"{method.name}[{suffix}]" if suffix else method.name
+            overrides = common + cfg.train_overrides + method.overrides + [f"{k}={json.dumps(v)}" for k, v in variant]
+            overrides.append(f"trainer.default_local_dir={out / 'runs' / _safe(name)}")
+            train_cfg = load_config(path=method.config, name=method.config_name, overrides=overrides)
+            has_sft |= train_cfg.meta.algorithm == "sft"
+            resolved.append(ResolvedMethod(name, train_config=train_cfg, sweep_of=method.name if method.grid else None,
+                                           settings=dict(variant)))
+    if not has_sft and not any(m.name == "sft" for m in cfg.methods):
+        overrides = common + cfg.train_overrides + [f"trainer.default_local_dir={out / 'runs' / 'sft'}"]
+        resolved.insert(1, ResolvedMethod("sft", train_config=load_config(name="sft", overrides=overrides)))
+    return resolved
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)
+
+
+def train_method(method: ResolvedMethod, log_path: Path) -> tuple[Path, float, float]:
+    """Train in a fresh process (its own peak memory, its own crash); returns (checkpoint, seconds, peak MiB)."""
+    from metasft.checkpoint import latest_checkpoint
+
+    run_dir = Path(method.train_config.trainer.default_local_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "train_config.yaml"
+    config_path.write_text(method.train_config.to_yaml(), encoding="utf-8")
+    started = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "metasft", "train", "--config", str(config_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()][-1:]
+        raise MetasftError(f"method {method.name}: training failed (exit {proc.returncode}): "
+                           f"{tail[0] if tail else ''} (log: {log_path})")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise MetasftError(f"method {method.name}: training wrote no checkpoint (log: {log_path})")
+    return checkpoint, seconds, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device) -> list[dict]:
+    """Adapt ``checkpoint`` to every (task, n_shots, seed) with the shared protocol and score it."""
+    import torch
+
+    from metasft.adapt import adapt_rows, select_shots
+    from metasft.algorithms import InnerLoop
+    from metasft.checkpoint import load_pretrained
+    from metasft.evaluate import evaluate_rows
+    from metasft.model import trainable_named_parameters
+
+    model, tokenizer, _ = load_pretrained(checkpoint, key=f"method {name}:")
+    model.to(device)
+    model.train()
+    engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps)
+    engine.snapshot()
+    rows = []
+    for task in tasks:
+        query_rows = task.query[: cfg.eval.max_query_rows] if cfg.eval.max_query_rows else task.query
+        query_examples = task.query_examples[: len(query_rows)]
+        for n_shots in cfg.n_shots:
+            if n_shots > len(task.support):
+                raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
+            for seed in cfg.seeds:
+                torch.manual_seed(seed)
+                shots = [task.support[i] for i in select_shots(len(task.support), n_shots, seed, task.name)]
+                started = time.perf_counter()
+                adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, n_shots),
+                           lr=cfg.adapt.lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
+                           optimizer=cfg.adapt.optimizer)
+                adapt_seconds = time.perf_counter() - started
+                scores = evaluate_rows(model, tokenizer, query_rows, query_examples, batch_size=cfg.eval.batch_size,
+                                       max_new_tokens=cfg.eval.max_new_tokens, with_generation=cfg.eval.generation,
+                                       device=device)
+                engine.restore()
+                rows.append({"method": name, "task": task.name, "n_shots": n_shots, "seed": seed,
+                             **{m: scores.get(m) for m in METRICS}, "adapt_seconds": adapt_seconds})
+    return rows
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["n_shots"]), []).append(row)
+    summary = []
+    for (method, n_shots), group in groups.items():
+        entry = {"method": method, "n_shots": n_shots, "n": len(group)}
+        for metric in METRICS:
+            values = [r[metric] for r in group if r[metric] is not None]
+            if values:
+                entry[metric], entry[f"{metric}_ci95"] = mean_ci(values)
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: list[dict], methods_info: dict[str, dict]) -> str:
+    lines = ["| method | n_shots | exact match | ROUGE-L | token accuracy | query loss |", "|---|---|---|---|---|---|"]
+    for entry in summary:
+        cells = []
+        for metric in ("exact_match", "rouge_l", "token_accuracy", "query_loss"):
+            cells.append(f"{entry[metric]:.3f} ± {entry[metric + '_ci95']:.3f}" if metric in entry else "–")
+        lines.append(f"| {entry['method']} | {entry['n_shots']} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | meta-training steps | training wall time (s) | training peak RSS (MiB) | evaluation wall time (s) |",
+              "|---|---|---|---|---|"]
+    for name, info in methods_info.items():
+        lines.append(f"| {name} | {info.get('steps', '–')} | {_fmt(info.get('train_seconds'))} | "
+                     f"{_fmt(info.get('train_peak_mib'))} | {_fmt(info.get('eval_seconds'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def plot(summary: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, name in zip(axes, (metric, "query_loss")):
+        for method in dict.fromkeys(e["method"] for e in summary):
+            points = sorted((e["n_shots"], e[name], e[name + "_ci95"]) for e in summary if e["method"] == method and name in e)
+            if not points:
+                continue
+            xs, ys, cis = zip(*points)
+            ax.plot(xs, ys, marker="o", label=method)
+            ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)], alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({e["n_shots"] for e in summary}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("n_shots (support examples)")
+        ax.set_ylabel(name.replace("_", " ") + " on held-out query sets")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Few-shot adaptation on held-out tasks (mean and 95% interval over tasks × seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns = ["method", "task", "n_shots", "seed", *METRICS, "adapt_seconds"]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) and k != "adapt_seconds" else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def rank_sweep(summary: list[dict], methods: list[ResolvedMethod], metric: str) -> list[tuple[str, float, ResolvedMethod]]:
+    ranked = []
+    for method in methods:
+        if method.sweep_of is None:
+            continue
+        values = [e[metric] for e in summary if e["method"] == method.name and metric in e]
+        if values:
+            ranked.append((method.name, sum(values) / len(values), method))
+    ranked.sort(key=lambda item: item[1], reverse=HIGHER_IS_BETTER[metric])
+    return ranked
+
+
+# ----------------------------------------------------------------------------- the command
+
+def run_bench(cfg: BenchConfig, console=None) -> dict:
+    import torch
+    from rich.console import Console
+
+    from metasft.data.tasks import load_task, read_manifest_specs
+    from metasft.model import load_tokenizer
+    from metasft.config import ModelConfig
+    from metasft.train import resolve_device
+    from metasft.distributed import DistEnv
+
+    console = console or Console()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device, DistEnv())
+    specs = read_manifest_specs(cfg.tasks_dir)
+    wanted = cfg.held_out_tasks or [s.name for s in specs if s.held_out]
+    if not wanted:
+        raise ConfigError("held_out_tasks: the manifest marks no held-out tasks; list some")
+    by_name = {s.name: s for s in specs}
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise ConfigError(f"held_out_tasks: task {missing[0]!r} is not in {cfg.tasks_dir}")
+    methods = resolve_methods(cfg, out)
+    tokenizer = load_tokenizer(ModelConfig(partial_pretrain=cfg.base_model))
+    tasks = [load_task(by_name[n], cfg.data, tokenizer) for n in wanted]
+    rows: list[dict] = []
+    info: dict[str, dict] = {}
+    for index, method in enumerate(methods, 1):
+        entry = info.setdefault(method.name, {})
+        checkpoint = method.checkpoint
+        if method.train_config is not None:
+            console.print(f"[{index}/{len(methods)}] training {method.name} "
+                          f"({method.train_config.meta.algorithm}, lora_rank={method.train_config.model.lora_rank})",
+                          markup=False, highlight=False)
+            log_path = out / "runs" / f"{_safe(method.name)}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint, entry["train_seconds"], entry["train_peak_mib"] = train_method(method, log_path)
+            entry["steps"] = int(checkpoint.name.split("_")[-1])
+        entry["checkpoint"] = str(checkpoint)
+        console.print(f"[{index}/{len(methods)}] adapting {method.name} to {len(tasks)} held-out tasks "
+                      f"× n_shots {cfg.n_shots} × seeds {cfg.seeds}", markup=False, highlight=False)
+        started = time.perf_counter()
+        torch.manual_seed(0)
+        rows += evaluate_method(method.name, checkpoint, cfg, tasks, device)
+        entry["eval_seconds"] = time.perf_counter() - started
+    summary = summarise(rows)
+    write_csv(rows, out / "results.csv")
+    table = markdown_table(summary, info)
+    result = {"summary": summary, "methods": info, "rows": rows,
+              "machine": _machine(), "config": _asdict(cfg)}
+    ranked = rank_sweep(summary, methods, cfg.metric)
+    if ranked:
+        best = ranked[0][2]
+        sweep_md = [f"| rank | variant | mean {cfg.metric} |", "|---|---|---|"]
+        sweep_md += [f"| {i} | {name} | {value:.4f} |" for i, (name, value, _) in enumerate(ranked, 1)]
+        (out / "sweep.md").write_text("\n".join(sweep_md) + "\n", encoding="utf-8")
+        (out / "best_config.yaml").write_text(best.train_config.to_yaml(), encoding="utf-8")
+        result["sweep"] = [{"variant": n, cfg.metric: v, "settings": m.settings} for n, v, m in ranked]
+        table += "\n## Sweep ranking\n\n" + "\n".join(sweep_md) + "\n"
+    (out / "results.md").write_text(f"# metasft bench\n\n{table}", encoding="utf-8")
+    with open(out / "results.json.tmp", "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(out / "results.json.tmp", out / "results.json")
+    plot(summary, cfg.metric, out / "adaptation.png")
+    console.print(table, markup=False, highlight=False)
+    console.print(f"wrote {out}/results.csv, results.json, results.md, adaptation.png", markup=False, highlight=False)
+    return result
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor() or None,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "self_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
