@@ -74,6 +74,8 @@ class BenchConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train_overrides: list[str] = _f([], "Overrides applied to every trained method (e.g. trainer.total_training_steps=200).")
+    train_parallel: int = _f(1, "Methods trained at the same time, each in its own process (2 suits a 2-core CPU with tiny models).")
+    train_threads: Optional[int] = _f(None, "Threads per training process (OMP_NUM_THREADS; null = torch's default).")
     metric: Literal["exact_match", "rouge_l", "token_accuracy", "query_loss"] = _f("exact_match", "Metric of the plot and the sweep ranking.")
     output_dir: str = _f("bench", "Where results, runs and plots go.")
     device: str = _f("auto", "Device for adaptation and evaluation.")
@@ -95,6 +97,8 @@ def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> Ben
             raise ConfigError(f"{key}: give at least one value")
     if any(n < 1 for n in cfg.n_shots):
         raise ConfigError(f"n_shots: {cfg.n_shots} must all be >= 1")
+    if cfg.train_parallel < 1 or (cfg.train_threads is not None and cfg.train_threads < 1):
+        raise ConfigError("train_parallel and train_threads must be >= 1")
     if cfg.adapt.lr <= 0 or cfg.adapt.steps < 1 or cfg.adapt.batch_size < 1:
         raise ConfigError("adapt: lr must be > 0, steps and batch_size >= 1")
     names = set()
@@ -134,13 +138,16 @@ def _expand_grid(grid: list[str]) -> list[list[tuple[str, Any]]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
-def resolve_methods(cfg: BenchConfig, out: Path) -> list[ResolvedMethod]:
+def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[ResolvedMethod]:
     """Turn the config's methods into runs; add the base model and multi-task SFT when missing."""
     common = [f"model.partial_pretrain={cfg.base_model}", f"meta.tasks_dir={cfg.tasks_dir}", "meta.tasks=[]",
               "trainer.logger=[jsonl]", "trainer.test_freq=-1"]
     common += [f"data.{k}={json.dumps(v)}" for k, v in vars(cfg.data).items()]
     resolved = [ResolvedMethod("base", checkpoint=Path(cfg.base_model))]
     methods = list(cfg.methods)
+    for method in methods:  # fail before anything is trained
+        if method.checkpoint and not Path(method.checkpoint).exists():
+            raise ConfigError(f"method {method.name}: {method.checkpoint}: no such checkpoint directory")
     has_sft = False
     for method in methods:
         if method.checkpoint:
@@ -153,47 +160,82 @@ def resolve_methods(cfg: BenchConfig, out: Path) -> list[ResolvedMethod]:
             overrides = common + cfg.train_overrides + method.overrides + [f"{k}={json.dumps(v)}" for k, v in variant]
             overrides.append(f"trainer.default_local_dir={out / 'runs' / _safe(name)}")
             train_cfg = load_config(path=method.config, name=method.config_name, overrides=overrides)
+            _check_trainable(name, train_cfg, num_train_tasks)
             has_sft |= train_cfg.meta.algorithm == "sft"
             resolved.append(ResolvedMethod(name, train_config=train_cfg, sweep_of=method.name if method.grid else None,
                                            settings=dict(variant)))
     if not has_sft and not any(m.name == "sft" for m in cfg.methods):
         overrides = common + cfg.train_overrides + [f"trainer.default_local_dir={out / 'runs' / 'sft'}"]
-        resolved.insert(1, ResolvedMethod("sft", train_config=load_config(name="sft", overrides=overrides)))
+        sft_cfg = load_config(name="sft", overrides=overrides)
+        _check_trainable("sft", sft_cfg, num_train_tasks)
+        resolved.insert(1, ResolvedMethod("sft", train_config=sft_cfg))
     return resolved
+
+
+def _check_trainable(name: str, train_cfg, num_train_tasks: int) -> None:
+    if train_cfg.meta.meta_batch_size > num_train_tasks:
+        raise ConfigError(f"method {name}: meta.meta_batch_size={train_cfg.meta.meta_batch_size} is larger than the "
+                          f"{num_train_tasks} meta-training tasks (set it in train_overrides)")
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)
 
 
-def train_method(method: ResolvedMethod, log_path: Path) -> tuple[Path, float, float]:
-    """Train in a fresh process (its own peak memory, its own crash); returns (checkpoint, seconds, peak MiB)."""
+def train_methods(methods: list[ResolvedMethod], out: Path, parallel: int, threads: int | None,
+                  console) -> dict[str, tuple[Path, float, float]]:
+    """Train each method in a fresh process (its own peak memory, its own crash), ``parallel`` at a
+    time; returns name -> (checkpoint, wall seconds, peak RSS MiB)."""
     from metasft.checkpoint import latest_checkpoint
 
-    run_dir = Path(method.train_config.trainer.default_local_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "train_config.yaml"
-    config_path.write_text(method.train_config.to_yaml(), encoding="utf-8")
-    started = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "metasft", "train", "--config", str(config_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        tail = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()][-1:]
-        raise MetasftError(f"method {method.name}: training failed (exit {proc.returncode}): "
-                           f"{tail[0] if tail else ''} (log: {log_path})")
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise MetasftError(f"method {method.name}: training wrote no checkpoint (log: {log_path})")
-    return checkpoint, seconds, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    pending = list(methods)
+    running: dict[int, tuple[ResolvedMethod, subprocess.Popen, float, Path, Any]] = {}
+    results: dict[str, tuple[Path, float, float]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                method = pending.pop(0)
+                run_dir = Path(method.train_config.trainer.default_local_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                config_path = run_dir / "train_config.yaml"
+                config_path.write_text(method.train_config.to_yaml(), encoding="utf-8")
+                log_path = out / "runs" / f"{_safe(method.name)}.log"
+                log = open(log_path, "w", encoding="utf-8")
+                console.print(f"training {method.name} ({method.train_config.meta.algorithm}, "
+                              f"lora_rank={method.train_config.model.lora_rank}), log: {log_path}",
+                              markup=False, highlight=False)
+                proc = subprocess.Popen([sys.executable, "-m", "metasft", "train", "--config", str(config_path)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[proc.pid] = (method, proc, time.perf_counter(), log_path, log)
+            # wait4 reaps one child and gives *its* resource usage (peak RSS of that process only).
+            pid, status, usage = os.wait4(-1, 0)
+            if pid not in running:
+                continue
+            method, proc, started, log_path, log = running.pop(pid)
+            log.close()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                tail = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()][-1:]
+                raise MetasftError(f"method {method.name}: training failed (exit {proc.returncode}): "
+                                   f"{tail[0] if tail else ''} (log: {log_path})")
+            checkpoint = latest_checkpoint(method.train_config.trainer.default_local_dir)
+            if checkpoint is None:
+                raise MetasftError(f"method {method.name}: training wrote no checkpoint (log: {log_path})")
+            results[method.name] = (checkpoint, time.perf_counter() - started, usage.ru_maxrss / 1024)
+    finally:
+        for _, proc, _, _, log in running.values():
+            proc.kill()
+            proc.wait()
+            log.close()
+    return results
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device) -> list[dict]:
+def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device, on_done=lambda: None) -> list[dict]:
     """Adapt ``checkpoint`` to every (task, n_shots, seed) with the shared protocol and score it."""
     import torch
 
@@ -229,6 +271,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
                 engine.restore()
                 rows.append({"method": name, "task": task.name, "n_shots": n_shots, "seed": seed,
                              **{m: scores.get(m) for m in METRICS}, "adapt_seconds": adapt_seconds})
+                on_done()
     return rows
 
 
@@ -339,6 +382,7 @@ def rank_sweep(summary: list[dict], methods: list[ResolvedMethod], metric: str) 
 def run_bench(cfg: BenchConfig, console=None) -> dict:
     import torch
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from metasft.data.tasks import load_task, read_manifest_specs
     from metasft.model import load_tokenizer
@@ -358,29 +402,31 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     missing = [n for n in wanted if n not in by_name]
     if missing:
         raise ConfigError(f"held_out_tasks: task {missing[0]!r} is not in {cfg.tasks_dir}")
-    methods = resolve_methods(cfg, out)
+    methods = resolve_methods(cfg, out, num_train_tasks=sum(not s.held_out for s in specs))
     tokenizer = load_tokenizer(ModelConfig(partial_pretrain=cfg.base_model))
     tasks = [load_task(by_name[n], cfg.data, tokenizer) for n in wanted]
     rows: list[dict] = []
-    info: dict[str, dict] = {}
+    info: dict[str, dict] = {m.name: {} for m in methods}
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    trained = train_methods([m for m in methods if m.train_config is not None], out, cfg.train_parallel,
+                            cfg.train_threads, console)
     for index, method in enumerate(methods, 1):
-        entry = info.setdefault(method.name, {})
+        entry = info[method.name]
         checkpoint = method.checkpoint
-        if method.train_config is not None:
-            console.print(f"[{index}/{len(methods)}] training {method.name} "
-                          f"({method.train_config.meta.algorithm}, lora_rank={method.train_config.model.lora_rank})",
-                          markup=False, highlight=False)
-            log_path = out / "runs" / f"{_safe(method.name)}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint, entry["train_seconds"], entry["train_peak_mib"] = train_method(method, log_path)
+        if method.name in trained:
+            checkpoint, entry["train_seconds"], entry["train_peak_mib"] = trained[method.name]
             entry["steps"] = int(checkpoint.name.split("_")[-1])
         entry["checkpoint"] = str(checkpoint)
-        console.print(f"[{index}/{len(methods)}] adapting {method.name} to {len(tasks)} held-out tasks "
-                      f"× n_shots {cfg.n_shots} × seeds {cfg.seeds}", markup=False, highlight=False)
         started = time.perf_counter()
         torch.manual_seed(0)
-        rows += evaluate_method(method.name, checkpoint, cfg, tasks, device)
+        with Progress(TextColumn(f"[{index}/{len(methods)}] adapting + evaluating {method.name}"), BarColumn(),
+                      MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
+            bar = progress.add_task("eval", total=len(tasks) * len(cfg.n_shots) * len(cfg.seeds))
+            rows += evaluate_method(method.name, checkpoint, cfg, tasks, device, lambda: progress.advance(bar))
         entry["eval_seconds"] = time.perf_counter() - started
+        console.print(f"[{index}/{len(methods)}] evaluated {method.name} on {len(tasks)} held-out tasks "
+                      f"× n_shots {cfg.n_shots} × seeds {cfg.seeds} ({entry['eval_seconds']:.0f} s)",
+                      markup=False, highlight=False)
     summary = summarise(rows)
     write_csv(rows, out / "results.csv")
     table = markdown_table(summary, info)

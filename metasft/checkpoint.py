@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +197,14 @@ def load_pretrained(path: str | os.PathLike, key: str = "--checkpoint"):
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         try:
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=True)
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated `is_gradient_checkpointing`: not the user's concern.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=True)
         except (OSError, ValueError) as exc:
             raise MetasftError(f"{key} {path}: cannot load the LoRA adapter or its base model ({str(exc).splitlines()[0]})") from exc
     else:

@@ -63,9 +63,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    from metasft.config import load_config, shipped_config_names
+    from metasft.config import load_config, reference_markdown, shipped_config_names
 
-    if args.name:
+    if args.reference:
+        print(reference_markdown(), end="")
+    elif args.name:
         print(load_config(name=args.name).to_yaml(), end="")
     else:
         print("\n".join(shipped_config_names()))
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("configs", help="list shipped configs, or print one resolved")
     p.add_argument("name", nargs="?", help="a shipped config name")
+    p.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")
     _add_common(p)
     p.set_defaults(func=cmd_configs)
 

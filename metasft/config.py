@@ -393,3 +393,23 @@ def schema_reference() -> list[tuple[str, str, str, str]]:
 
     walk(Config, "")
     return rows
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every key of the schema with its type, default and help text.
+    Generated (``metasft configs --reference``) and checked by a test, so it cannot drift."""
+    lines = ["# Configuration reference", "",
+             "Generated from the typed schema in `metasft/config.py` by `metasft configs --reference`; "
+             "a test fails when this file is out of date.", "",
+             "Set keys in a YAML file (`--config PATH`), pick a shipped config (`--config-name NAME`: "
+             + ", ".join(f"`{n}`" for n in shipped_config_names()) + "), and override any key on the command line "
+             "with `section.key=value` (values are parsed as YAML).", ""]
+    section = None
+    for key, type_name, default, help_text in schema_reference():
+        top = key.split(".")[0]
+        if top != section:
+            section = top
+            lines += ["", f"## `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        cells = [f"`{key}`", f"`{type_name}`", f"`{default}`", help_text]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

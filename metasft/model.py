@@ -110,7 +110,9 @@ def load_model(model_cfg, dtype: torch.dtype = torch.float32):
     comes back in eval mode, as ``from_pretrained`` leaves it; the trainer switches modes.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # metasft's own progress display is the one to read
     path = model_cfg.partial_pretrain
     resolved = _resolve(path, "model.partial_pretrain", "model")
     attn_implementation = getattr(model_cfg, "attn_implementation", None)

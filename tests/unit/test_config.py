@@ -82,3 +82,12 @@ def test_schema_reference_has_help_for_every_key():
     rows = schema_reference()
     assert len(rows) > 40
     assert all(help_text for _, _, _, help_text in rows)
+
+
+def test_configuration_reference_in_docs_is_current():
+    from pathlib import Path
+
+    from metasft.config import reference_markdown
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert path.read_text() == reference_markdown(), "regenerate: metasft configs --reference > docs/configuration.md"

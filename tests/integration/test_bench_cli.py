@@ -1,0 +1,141 @@
+"""`metasft adapt`, `metasft eval` and `metasft bench` end to end on a tiny model and our own
+cipher-like suite (not the built-in one)."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from metasft.cli import main
+
+from conftest import write_tasks
+
+
+def make_prepared_suite(root, n_train=4, n_held_out=2):
+    """A cipher-like suite in the prepared layout, written with `metasft prepare` from jsonl files."""
+    from conftest import cipher_rows
+
+    config = {}
+    for t in range(n_train + n_held_out):
+        path = root / f"raw{t}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in cipher_rows(500 + t, 40)))
+        config[f"c{t}"] = {"input_file": str(path), "split": "test" if t >= n_train else "train"}
+    (root / "tasks.json").write_text(json.dumps(config))
+    assert main(["prepare", "--config", str(root / "tasks.json"), "--output-dir", str(root / "data"),
+                 "--support-size", "20", "--query-size", "10"]) == 0
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama_dir):
+    """A short FOMAML run whose checkpoint the adapt/eval tests use."""
+    root = tmp_path_factory.mktemp("trained")
+    overrides = write_tasks(root / "tasks", 3, 10, 6, held_out=1)
+    assert main(["train", f"model.partial_pretrain={tiny_llama_dir}", "meta.algorithm=fomaml", "meta.meta_batch_size=2",
+                 "meta.inner_batch_size=5", "meta.num_inner_steps=2", "meta.inner_lr=0.1", "meta.outer_lr=0.003",
+                 "trainer.total_training_steps=2", "data.chat_template=none", "trainer.logger=[jsonl]",
+                 f"trainer.default_local_dir={root / 'run'}", *overrides]) == 0
+    return root
+
+
+def test_adapt_then_eval(tmp_path, trained, capsys):
+    data = trained / "tasks" / "task2" / "support.parquet"
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--checkpoint", str(trained / "run" / "step_2"), "--data", str(data), "--n-shots", "6",
+                 "--output", str(out)]) == 0
+    info = json.loads((out / "adapt_info.json").read_text())
+    assert info["steps"] == 2 and info["lr"] == 0.1 and info["batch_size"] == 5  # the checkpoint's meta settings
+    before = load_file(trained / "run" / "step_2" / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--data", str(trained / "tasks" / "task2" / "query.parquet"),
+                 "--output", str(tmp_path / "m.json"), "--predictions"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((tmp_path / "m.json").read_text())
+    assert result["rows"] == 6 and len(result["predictions"]) == 6
+    assert 0 <= result["exact_match"] <= 1 and 0 <= result["token_accuracy"] <= 1 and result["query_loss"] > 0
+
+
+def test_adapting_a_base_model_needs_lr_and_steps(tmp_path, tiny_llama_dir, trained, capsys):
+    data = trained / "tasks" / "task2" / "support.parquet"
+    code = main(["adapt", "--checkpoint", str(tiny_llama_dir), "--data", str(data), "--n-shots", "4", "--output",
+                 str(tmp_path / "x")])
+    assert code == 2 and "give --lr and --steps or --epochs" in capsys.readouterr().err
+    assert main(["adapt", "--checkpoint", str(tiny_llama_dir), "--data", str(data), "--n-shots", "4", "--lr", "0.1",
+                 "--epochs", "2", "--batch-size", "2", "--output", str(tmp_path / "y")]) == 0
+    assert json.loads((tmp_path / "y" / "adapt_info.json").read_text())["steps"] == 4
+    assert not (tmp_path / "x").exists()
+
+
+def test_generation_batched_equals_one_at_a_time(trained, tokenizer):
+    from metasft.checkpoint import load_pretrained
+    from metasft.evaluate import _prompt_ids, generate
+    from metasft.data.formatting import rows_to_examples
+    from metasft.data.io import read_rows
+    from metasft.data.tokenize import encode_examples
+
+    model, tok, _ = load_pretrained(trained / "run" / "step_2")
+    examples, _ = rows_to_examples(read_rows(trained / "tasks" / "task0" / "query.parquet"), "q")
+    prompts = [_prompt_ids(r) for r in encode_examples(examples, tok, 64, chat_template="none")]
+    assert generate(model, tok, prompts, 6, 16, torch.device("cpu")) == generate(model, tok, prompts, 6, 1, torch.device("cpu"))
+
+
+def test_bench_writes_everything_and_is_reproducible(tmp_path, tiny_llama_dir, trained):
+    data = make_prepared_suite(tmp_path)
+    config = {
+        "base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [4, 8], "seeds": [0, 1],
+        "adapt": {"optimizer": "sgd", "lr": 0.1, "steps": 2, "batch_size": 4},
+        "eval": {"batch_size": 16},
+        "data": {"chat_template": "none", "max_length": 64},
+        "train_overrides": ["trainer.total_training_steps=2", "meta.meta_batch_size=2", "meta.inner_batch_size=4",
+                            "meta.num_inner_steps=2", "meta.query_batch_size=4", "meta.inner_lr=0.1", "meta.outer_lr=0.003"],
+        "methods": [{"name": "fomaml", "config_name": "fomaml"},
+                    {"name": "existing", "checkpoint": str(trained / "run" / "step_2")},
+                    {"name": "sweep", "config_name": "reptile", "grid": ["meta.inner_lr=[0.05, 0.2]"],
+                     "overrides": ["optim.name=sgd", "meta.outer_lr=0.5"]}],
+        "output_dir": str(tmp_path / "bench"),
+    }
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    out = tmp_path / "bench"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    methods = {r["method"] for r in rows}
+    assert methods == {"base", "sft", "fomaml", "existing", "sweep[inner_lr=0.05]", "sweep[inner_lr=0.2]"}
+    assert len(rows) == len(methods) * 2 * 2 * 2  # held-out tasks × n_shots × seeds
+    assert {"method", "task", "n_shots", "seed", "query_loss", "token_accuracy", "exact_match", "rouge_l"} <= set(rows[0])
+    result = json.loads((out / "results.json").read_text())
+    assert result["methods"]["fomaml"]["train_peak_mib"] > 0 and result["methods"]["fomaml"]["steps"] == 2
+    assert "± " in (out / "results.md").read_text()
+    assert (out / "adaptation.png").stat().st_size > 10_000
+    assert [s["variant"] for s in result["sweep"]] and (out / "best_config.yaml").is_file()
+    assert "Sweep ranking" in (out / "results.md").read_text()
+    # Same seed, fresh output directory: identical results.csv.
+    config["output_dir"] = str(tmp_path / "bench2")
+    (tmp_path / "bench2.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench2.yaml")]) == 0
+    strip = lambda path: [{k: v for k, v in r.items() if k != "adapt_seconds"} for r in csv.DictReader(open(path))]  # noqa: E731
+    assert strip(out / "results.csv") == strip(tmp_path / "bench2" / "results.csv")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"base_model": ""}, "base_model: required"),
+    ({"n_shots": [0]}, "n_shots"),
+    ({"methods": [{"name": "x"}]}, "exactly one of config, config_name, checkpoint"),
+    ({"methods": [{"name": "x", "checkpoint": "/nope"}]}, "method x: /nope: no such checkpoint directory"),
+    ({"colour": 1}, "colour: unknown config key"),
+    ({"n_shots": [500]}, "n_shots: 500 exceeds task"),
+])
+def test_bench_bad_config(tmp_path, tiny_llama_dir, change, needle, capsys):
+    data = make_prepared_suite(tmp_path, 2, 1)
+    config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [2],
+              "output_dir": str(tmp_path / "b"), "methods": [{"name": "sft", "checkpoint": str(tiny_llama_dir)}],
+              "data": {"chat_template": "none"}}
+    config.update(change)
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
