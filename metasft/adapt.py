@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from metasft.algorithms.inner_loop import InnerLoop
-from metasft.data.collate import collate
+from metasft.data.collate import collate_for_rank
 from metasft.data.tasks import BatchSchedule, Task, stable_seed
 from metasft.data.tokenize import Encoded
 from metasft.losses import forward_logits, token_loss_sum
@@ -30,14 +30,15 @@ def select_shots(num_rows: int, n_shots: int, seed: int, task: str) -> list[int]
 
 
 def adapt_rows(engine: InnerLoop, rows: list[Encoded], *, steps: int, batch_size: int, lr: float, seed: int,
-               task: str, pad_token_id: int, optimizer: str = "sgd") -> None:
+               task: str, pad_token_id: int, optimizer: str = "sgd", row_shard: tuple[int, int] = (0, 1)) -> None:
     """Fine-tune the engine's parameters in place on ``rows``: ``steps`` steps of ``batch_size``
-    rows (the whole set when it is smaller), plain SGD at ``lr`` or AdamW."""
+    rows (the whole set when it is smaller), plain SGD at ``lr`` or AdamW. Under FSDP every rank
+    passes its ``row_shard`` and takes its share of each batch."""
     schedule = BatchSchedule(len(rows), batch_size, seed, task, "adapt")
     batches = []
     for _ in range(steps):
         chunk = [rows[i] for i in schedule.next_indices()]
-        batches.append({k: v.to(engine.device) for k, v in collate(chunk, pad_token_id).items()})
+        batches.append(collate_for_rank(chunk, pad_token_id, *row_shard, device=engine.device))
     saved_lr = engine.inner_lr
     engine.inner_lr = lr
     try:
@@ -52,31 +53,34 @@ def steps_for_epochs(num_rows: int, batch_size: int, epochs: int) -> int:
 
 
 @torch.no_grad()
-def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int) -> float:
-    """Token-mean loss over all ``rows`` (batched), at the model's current weights."""
+def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int,
+                 row_shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """(summed token loss of this rank's share of ``rows``, target count of all ``rows``) at the
+    model's current weights; summing the first over ranks and dividing gives the token mean."""
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(engine.device) for k, v in collate(rows[start:start + batch_size], pad_token_id).items()}
+        chunk = rows[start:start + batch_size]
+        batch = collate_for_rank(chunk, pad_token_id, *row_shard, device=engine.device)
         with engine._context():
-            s, n = token_loss_sum(forward_logits(engine.model, batch), batch["labels"])
+            s, _ = token_loss_sum(forward_logits(engine.model, batch), batch["labels"])
         total += float(s)
-        count += int(n)
-    return total / max(count, 1)
+        count += sum(r.num_targets for r in chunk)
+    return total, count
 
 
 def adapt_and_score(engine: InnerLoop, task: Task, *, num_steps: int, batch_size: int, eval_batch_size: int,
-                    seed: int, pad_token_id: int) -> dict[str, float]:
-    """Query loss of ``task`` before and after ``num_steps`` inner SGD steps from θ; θ is put back."""
+                    seed: int, pad_token_id: int, row_shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
+    """Summed query loss and target count of ``task`` before and after ``num_steps`` inner SGD steps
+    from θ (this rank's share under FSDP); θ is put back."""
     engine.snapshot()
     try:
-        pre = dataset_loss(engine, task.query, eval_batch_size, pad_token_id)
+        pre, count = dataset_loss(engine, task.query, eval_batch_size, pad_token_id, row_shard)
         adapt_rows(engine, task.support, steps=num_steps, batch_size=batch_size, lr=engine.inner_lr, seed=seed,
-                   task=task.name, pad_token_id=pad_token_id)
-        post = dataset_loss(engine, task.query, eval_batch_size, pad_token_id)
+                   task=task.name, pad_token_id=pad_token_id, row_shard=row_shard)
+        post, _ = dataset_loss(engine, task.query, eval_batch_size, pad_token_id, row_shard)
     finally:
         engine.restore()
-    return {"query_loss_pre": pre, "query_loss_post": post}
-
+    return {"query_loss_pre_sum": pre, "query_loss_post_sum": post, "num_targets": count}
 
 def adapt_command(args) -> Path:
     """``metasft adapt``: load, adapt on a seeded choice of ``--n-shots`` rows, save atomically."""

@@ -67,18 +67,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, config_yaml: str,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep: int | None = None) -> Path:
-    """Write ``run_dir/step_<step>`` atomically and prune to the newest ``keep``."""
+                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep: int | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write ``run_dir/step_<step>`` atomically and prune to the newest ``keep``.
+
+    ``model_state`` / ``optimizer_state`` are full (gathered) state dicts under FSDP; by default
+    the model's and optimizer's own."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=run_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if model_state is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+        torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state, "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / OPTIMIZER_FILE)
         # The state file is written last: a directory without it is never treated as complete.
@@ -114,6 +121,22 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MetasftError(f"{path}: unreadable trainer state ({exc.msg})") from exc
+
+
+def read_model_weights(checkpoint: str | os.PathLike, lora: bool) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights keyed like ``model.state_dict()`` of the training model (for FSDP's
+    full-state-dict loading): peft drops the adapter name from saved keys; put it back."""
+    checkpoint = Path(checkpoint)
+    if lora:
+        state = load_file(checkpoint / "adapter_model.safetensors")
+        return {re.sub(r"\.(lora_[AB])\.", r".\1.default.", k): v for k, v in state.items()}
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        if not file.name.startswith("adapter_"):
+            state.update(load_file(file))
+    if not state:
+        raise MetasftError(f"{checkpoint}: no model safetensors (is this a full-weight checkpoint?)")
+    return state
 
 
 def load_model_weights(model, checkpoint: str | os.PathLike, lora: bool) -> None:
@@ -163,19 +186,24 @@ def _is_tied_to_loaded(model, key: str, loaded_ptrs: set[int]) -> bool:
     return tensor.data_ptr() in loaded_ptrs
 
 
-def load_optimizer_state(checkpoint: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+def load_optimizer_state(checkpoint: str | os.PathLike, optimizer: torch.optim.Optimizer | None):
+    """Restore the optimizer state and RNG states; with ``optimizer=None`` return the saved
+    optimizer state instead (FSDP loads it through its own API)."""
     path = Path(checkpoint) / OPTIMIZER_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
         raise MetasftError(f"{path}: cannot read optimizer state ({exc})") from exc
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if optimizer is None:
+        return state["optimizer"]
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as exc:
         raise MetasftError(f"{path}: optimizer state does not match this run ({exc})") from exc
-    torch.set_rng_state(state["torch_rng"])
-    if torch.cuda.is_available() and state.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return None
 
 
 def load_pretrained(path: str | os.PathLike, key: str = "--checkpoint"):

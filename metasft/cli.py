@@ -11,6 +11,7 @@ exit code 2 (a traceback only with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from metasft import __version__
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the cipher suite, build a tiny Llama, meta-train sft/fomaml/reptile/maml/"
                                    "meta_lora for --budget seconds each, benchmark them on held-out tasks.")
     p.add_argument("--out", default="metasft-demo", metavar="DIR", help="output directory (default ./metasft-demo)")
-    p.add_argument("--budget", type=float, default=60.0, metavar="SECONDS", help="meta-training time per method (default 60)")
+    p.add_argument("--budget", type=float, default=120.0, metavar="SECONDS", help="meta-training time per method (default 120; two methods train at a time)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora")
     p.add_argument("--n-shots", type=int, nargs="+", default=[10, 50], metavar="N", help="default 10 50")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="default 0")
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' own progress bars (loading/writing shards) would interleave with ours; child
+    # processes (torchrun ranks, bench trainings) inherit the setting.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

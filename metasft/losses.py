@@ -46,5 +46,7 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def lm_loss(model, batch: dict[str, torch.Tensor], num_targets: int | torch.Tensor | None = None) -> torch.Tensor:
     """Token-mean loss of ``model`` on ``batch``; divide by ``num_targets`` when given (global count)."""
     total, count = token_loss_sum(forward_logits(model, batch), batch["labels"])
+    if num_targets is None:
+        num_targets = batch.get("global_num_targets")  # set when a batch is split across ranks
     denominator = count if num_targets is None else torch.as_tensor(num_targets, device=total.device)
     return total / denominator.clamp(min=1)

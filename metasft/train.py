@@ -20,8 +20,8 @@ import torch
 from metasft import distributed
 from metasft.adapt import adapt_and_score
 from metasft.algorithms import InnerLoop, build_algorithm
-from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_trainer_state,
-                                save_checkpoint)
+from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_model_weights,
+                                read_trainer_state, save_checkpoint)
 from metasft.config import Config
 from metasft.data.episodes import EpisodeSampler
 from metasft.data.tasks import load_tasks
@@ -86,19 +86,29 @@ class Trainer:
         self.model = load_model(cfg.model).to(self.device)
         self.model.train()
         self.lora = is_peft_model(self.model)
+        # FSDP shards over ranks; at world size 1 there is nothing to shard and the plain path is
+        # the same computation.
+        self.fsdp = cfg.model.use_fsdp and env.world_size > 1
+        if self.fsdp:
+            from metasft.fsdp import shard_model
+
+            shard_model(self.model, bf16=cfg.trainer.precision == "bf16")
         tasks = load_tasks(cfg.meta, cfg.data, self.tokenizer)
         self.train_tasks = [t for t in tasks if not t.held_out]
         self.held_out_tasks = [t for t in tasks if t.held_out]
         self.pad_id = self.tokenizer.pad_token_id
+        # Task-parallel: each rank takes whole tasks. FSDP: every rank takes a share of every batch.
+        self.row_shard = (env.rank, env.world_size) if self.fsdp else (0, 1)
         self.sampler = EpisodeSampler(
             self.train_tasks, episodic=self.algorithm.episodic, meta_batch_size=cfg.meta.meta_batch_size,
             inner_batch_size=cfg.meta.inner_batch_size, query_batch_size=cfg.meta.query_batch_size,
             num_inner_steps=cfg.meta.num_inner_steps, seed=cfg.trainer.seed, pad_token_id=self.pad_id,
-            device=self.device)
+            device=self.device, row_shard=self.row_shard)
         self.named_params = trainable_named_parameters(self.model)
         self.engine = InnerLoop(self.model, self.named_params, cfg.meta.inner_lr, cfg.meta.num_inner_steps,
-                                autocast_dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else None,
-                                force_math_attention=self.algorithm.second_order)
+                                autocast_dtype=(torch.bfloat16 if cfg.trainer.precision == "bf16" and not self.fsdp
+                                                else None),  # under FSDP its mixed-precision policy casts
+                                force_math_attention=self.algorithm.second_order, grad_via_backward=self.fsdp)
         self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params])
         self.step = 0
         self.nonfinite_total = 0
@@ -116,8 +126,17 @@ class Trainer:
         if not checkpoint.is_dir():
             raise ConfigError(f"trainer.resume_mode: checkpoint {checkpoint} not found")
         state = read_trainer_state(checkpoint)
-        load_model_weights(self.model, checkpoint, lora=self.lora)
-        load_optimizer_state(checkpoint, self.optimizer)
+        if bool(state.get("fsdp", False)) != self.fsdp:
+            raise ConfigError(f"trainer.resume_mode: {checkpoint} was written with model.use_fsdp="
+                              f"{str(bool(state.get('fsdp'))).lower()} on {state.get('world_size', 1)} ranks; resume it the same way")
+        if self.fsdp:
+            from metasft.fsdp import load_full_model_state, load_full_optimizer_state
+
+            load_full_model_state(self.model, read_model_weights(checkpoint, lora=self.lora))
+            load_full_optimizer_state(self.model, self.optimizer, load_optimizer_state(checkpoint, None))
+        else:
+            load_model_weights(self.model, checkpoint, lora=self.lora)
+            load_optimizer_state(checkpoint, self.optimizer)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
@@ -126,12 +145,20 @@ class Trainer:
             print(f"metasft: resumed from {checkpoint} at meta-step {self.step}", file=sys.stderr)
 
     def save(self) -> Path | None:
+        model_state = optimizer_state = None
+        if self.fsdp:  # gather full tensors (a collective on every rank); rank 0 writes them
+            from metasft.fsdp import full_model_state, full_optimizer_state
+
+            model_state = full_model_state(self.model)
+            optimizer_state = full_optimizer_state(self.model, self.optimizer)
         path = None
         if self.env.is_main:
             state = {"sampler": self.sampler.state_dict(), "nonfinite_total": self.nonfinite_total,
-                     "nonfinite_streak": self.nonfinite_streak, "algorithm": self.algorithm.name, "lora": self.lora}
+                     "nonfinite_streak": self.nonfinite_streak, "algorithm": self.algorithm.name, "lora": self.lora,
+                     "fsdp": self.fsdp, "world_size": self.env.world_size}
             path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.cfg.to_yaml(),
-                                   self.optimizer, state, keep=self.cfg.trainer.keep)
+                                   self.optimizer, state, keep=self.cfg.trainer.keep, model_state=model_state,
+                                   optimizer_state=optimizer_state)
         distributed.barrier()
         return path
 
@@ -142,14 +169,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        episodes, num_tasks = self.sampler.episodes(self.step, mine=lambda ids: distributed.shard(ids, self.env))
+        mine = (lambda ids: ids) if self.fsdp else (lambda ids: distributed.shard(ids, self.env))
+        episodes, num_tasks = self.sampler.episodes(self.step, mine=mine)
         weight = self.algorithm.task_weight(num_tasks)
         engine = self.engine
         engine.snapshot()
         engine.zero_meta_grad()
         task_metrics = [self.algorithm.run_task(engine, ep, weight, want_pre=want_logs) for ep in episodes]
         engine.restore()
-        distributed.all_reduce_sum_(engine.meta_grad)
+        if not self.fsdp:  # under FSDP the gradients arrived already reduced, sharded like θ
+            distributed.all_reduce_sum_(engine.meta_grad)
 
         local_finite = all(m.finite for m in task_metrics)
         sums = [sum(m.tokens for m in task_metrics), float(not local_finite),
@@ -158,12 +187,15 @@ class Trainer:
             values = [getattr(m, attr) for m in task_metrics if getattr(m, attr) is not None]
             sums += [sum(values), len(values)]
         sums = distributed.all_reduce_scalars(sums, self.device)
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(engine.meta_grad))).item()
+        if self.fsdp:
+            # Every rank saw every task: per-task values are partial sums over ranks, counts are not.
+            sums[4::2] = [count / self.env.world_size for count in sums[4::2]]
+        grad_norm = engine.meta_grad_norm(sharded=self.fsdp)
         finite = sums[1] == 0 and math.isfinite(grad_norm)
         if finite:
-            engine.write_meta_grad()
             if cfg.optim.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(engine.params, cfg.optim.clip_grad, foreach=True)
+                engine.clip_meta_grad(cfg.optim.clip_grad, grad_norm)
+            engine.write_meta_grad()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak = 0
@@ -185,15 +217,21 @@ class Trainer:
 
     def evaluate_held_out(self) -> dict:
         """Adapt to each held-out task as `metasft adapt` would and average its query losses."""
-        mine = distributed.shard(self.held_out_tasks, self.env)
         cfg = self.cfg
-        sums = [0.0, 0.0, 0.0]
+        mine = self.held_out_tasks if self.fsdp else distributed.shard(self.held_out_tasks, self.env)
+        per_task = []  # [pre_sum, post_sum, count] of each task this rank (partly, under FSDP) scored
         for task in mine:
             scores = adapt_and_score(self.engine, task, num_steps=cfg.meta.num_inner_steps,
                                      batch_size=cfg.meta.inner_batch_size, eval_batch_size=cfg.meta.query_batch_size,
-                                     seed=cfg.trainer.seed, pad_token_id=self.pad_id)
-            sums = [sums[0] + scores["query_loss_pre"], sums[1] + scores["query_loss_post"], sums[2] + 1]
-        sums = distributed.all_reduce_scalars(sums, self.device)
+                                     seed=cfg.trainer.seed, pad_token_id=self.pad_id, row_shard=self.row_shard)
+            per_task.append([scores["query_loss_pre_sum"], scores["query_loss_post_sum"], scores["num_targets"]])
+        if self.fsdp:  # sum each task's partial losses over ranks, then average the task means
+            flat = distributed.all_reduce_scalars([x for t in per_task for x in t[:2]], self.device)
+            means = [(flat[2 * i] / max(t[2], 1), flat[2 * i + 1] / max(t[2], 1)) for i, t in enumerate(per_task)]
+            sums = [sum(m[0] for m in means), sum(m[1] for m in means), len(means)]
+        else:
+            sums = [sum(t[0] / max(t[2], 1) for t in per_task), sum(t[1] / max(t[2], 1) for t in per_task), len(per_task)]
+            sums = distributed.all_reduce_scalars(sums, self.device)
         if not sums[2]:
             return {}
         return {"heldout/query_loss_pre": sums[0] / sums[2], "heldout/query_loss_post": sums[1] / sums[2]}

@@ -21,6 +21,7 @@ writes it to ``.grad`` and steps the outer optimizer.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,12 @@ class TaskMetrics:
     extra: dict = field(default_factory=dict)
 
 
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Plain tensors for foreach ops: under FSDP2 parameters and gradients are DTensors, and the
+    update of a shard is the same update on its local tensor (which shares the storage)."""
+    return [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
+
+
 def _tokens(batch: Batch) -> int:
     return int(batch["attention_mask"].sum())
 
@@ -62,7 +69,7 @@ class InnerLoop:
 
     def __init__(self, model: torch.nn.Module, named_params: list[tuple[str, torch.nn.Parameter]],
                  inner_lr: float, num_inner_steps: int, autocast_dtype: torch.dtype | None = None,
-                 force_math_attention: bool = False):
+                 force_math_attention: bool = False, grad_via_backward: bool = False):
         if not named_params:
             raise ValueError("InnerLoop needs at least one trainable parameter")
         self.model = model
@@ -72,6 +79,9 @@ class InnerLoop:
         self.num_inner_steps = num_inner_steps
         self.autocast_dtype = autocast_dtype
         self.force_math_attention = force_math_attention
+        # FSDP2 delivers (reduce-scattered) gradients through .grad in backward(); autograd.grad
+        # would bypass its hooks. First-order paths then read .grad instead.
+        self.grad_via_backward = grad_via_backward
         self.device = self.params[0].device
         with torch.no_grad():
             self.theta = [p.detach().clone() for p in self.params]
@@ -80,19 +90,37 @@ class InnerLoop:
     # ------------------------------------------------------------------ θ bookkeeping
     @torch.no_grad()
     def snapshot(self) -> None:
-        torch._foreach_copy_(self.theta, [p.detach() for p in self.params])
+        torch._foreach_copy_(_local(self.theta), _local(self.params))
 
     @torch.no_grad()
     def restore(self) -> None:
-        torch._foreach_copy_([p.detach() for p in self.params], self.theta)
+        torch._foreach_copy_(_local(self.params), _local(self.theta))
 
     @torch.no_grad()
     def zero_meta_grad(self) -> None:
-        torch._foreach_zero_(self.meta_grad)
+        torch._foreach_zero_(_local(self.meta_grad))
 
     @torch.no_grad()
     def accumulate(self, grads: list[torch.Tensor], weight: float) -> None:
-        torch._foreach_add_(self.meta_grad, grads, alpha=weight)
+        torch._foreach_add_(_local(self.meta_grad), _local(grads), alpha=weight)
+
+    @torch.no_grad()
+    def meta_grad_norm(self, sharded: bool) -> float:
+        """Global L2 norm of the meta-gradient (summing shard norms across ranks under FSDP)."""
+        local = _local(self.meta_grad)
+        squares = float(torch.stack([n.float() ** 2 for n in torch._foreach_norm(local)]).sum())
+        if sharded:
+            from metasft.distributed import all_reduce_scalars
+
+            squares = all_reduce_scalars([squares], self.device)[0]
+        return math.sqrt(squares)
+
+    @torch.no_grad()
+    def clip_meta_grad(self, max_norm: float, norm: float) -> None:
+        """Scale the meta-gradient to ``max_norm`` when larger (as ``clip_grad_norm_`` does)."""
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1:
+            torch._foreach_mul_(_local(self.meta_grad), coef)
 
     @torch.no_grad()
     def write_meta_grad(self) -> None:
@@ -122,6 +150,14 @@ class InnerLoop:
 
     def grad(self, loss: torch.Tensor, wrt: list[torch.Tensor] | None = None,
              create_graph: bool = False) -> list[torch.Tensor]:
+        if self.grad_via_backward and wrt is None and not create_graph:
+            for param in self.params:
+                param.grad = None
+            loss.backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+            for param in self.params:
+                param.grad = None
+            return grads
         wrt = self.params if wrt is None else wrt
         grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
         return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
@@ -147,7 +183,7 @@ class InnerLoop:
             grads = self.grad(loss)
             if optimizer is None:
                 with torch.no_grad():
-                    torch._foreach_add_([p.detach() for p in self.params], grads, alpha=-self.inner_lr)
+                    torch._foreach_add_(_local(self.params), _local(grads), alpha=-self.inner_lr)
             else:
                 for param, g in zip(self.params, grads):
                     param.grad = g

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from metasft.algorithms.base import MetaAlgorithm
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _local
 
 
 class Reptile(MetaAlgorithm):
@@ -34,6 +34,6 @@ class Reptile(MetaAlgorithm):
         if want_pre and episode.query_batch is not None:
             metrics.query_loss_post = engine.eval_loss(episode.query_batch)
         with torch.no_grad():
-            delta = torch._foreach_sub(engine.theta, [p.detach() for p in engine.params])  # θ − φ
+            delta = torch._foreach_sub(_local(engine.theta), _local(engine.params))  # θ − φ
         engine.accumulate(delta, weight)
         return metrics

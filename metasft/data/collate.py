@@ -41,3 +41,18 @@ def collate(batch: Sequence[Encoded], pad_token_id: int, pad_to_length: int | No
 def num_target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Number of tokens the loss predicts in a collated batch (labels shifted by one)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate_for_rank(rows: Sequence[Encoded], pad_token_id: int, rank: int = 0, world_size: int = 1,
+                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Collate this rank's share of ``rows`` (round robin) for the FSDP strategy, where every rank
+    works on the same batch. ``global_num_targets`` carries the whole batch's target count, so each
+    rank's loss is its summed token loss over the *global* count and the ranks' losses add up to the
+    batch's token mean. A rank left without rows gets a one-token row with no target."""
+    local = list(rows[rank::world_size]) if world_size > 1 else list(rows)
+    if not local:
+        local = [Encoded(input_ids=[pad_token_id], target_mask=[0])]
+    batch = collate(local, pad_token_id)
+    if world_size > 1:
+        batch["global_num_targets"] = torch.tensor(sum(r.num_targets for r in rows))
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from metasft.algorithms.inner_loop import Episode
-from metasft.data.collate import collate
+from metasft.data.collate import collate_for_rank
 from metasft.data.tasks import BatchSchedule, Task, stable_seed
 from metasft.errors import ConfigError
 
@@ -20,7 +20,7 @@ from metasft.errors import ConfigError
 class EpisodeSampler:
     def __init__(self, tasks: list[Task], *, episodic: bool, meta_batch_size: int, inner_batch_size: int,
                  query_batch_size: int, num_inner_steps: int, seed: int, pad_token_id: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", row_shard: tuple[int, int] = (0, 1)):
         if not tasks:
             raise ConfigError("meta.tasks: no meta-training tasks (every task is held out)")
         if meta_batch_size > len(tasks):
@@ -30,6 +30,7 @@ class EpisodeSampler:
         self.tasks, self.episodic = tasks, episodic
         self.meta_batch_size, self.num_inner_steps = meta_batch_size, num_inner_steps
         self.seed, self.pad_token_id, self.device = seed, pad_token_id, torch.device(device)
+        self.row_shard = row_shard  # (rank, world) when every rank takes a share of each batch (FSDP)
         if episodic:
             self.support = [BatchSchedule(len(t.support), inner_batch_size, seed, t.name, "support") for t in tasks]
             self.query = [BatchSchedule(len(t.query), query_batch_size, seed, t.name, "query") for t in tasks]
@@ -45,8 +46,8 @@ class EpisodeSampler:
         return sorted(rng.choice(len(self.tasks), size=self.meta_batch_size, replace=False).tolist())
 
     def _batch(self, rows) -> dict[str, torch.Tensor]:
-        batch = collate(rows, self.pad_token_id)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        rank, world = self.row_shard
+        return collate_for_rank(rows, self.pad_token_id, rank, world, self.device)
 
     def episodes(self, step: int, mine=lambda task_ids: task_ids) -> tuple[list[Episode], int]:
         """Episodes of meta-step ``step`` for this rank's share (``mine`` picks it from the sampled
