@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the cipher suite, build a tiny Llama, meta-train sft/fomaml/reptile/maml/"
                                    "meta_lora for --budget seconds each, benchmark them on held-out tasks.")
     p.add_argument("--out", default="metasft-demo", metavar="DIR", help="output directory (default ./metasft-demo)")
-    p.add_argument("--budget", type=float, default=120.0, metavar="SECONDS", help="meta-training time per method (default 120; two methods train at a time)")
+    p.add_argument("--budget", type=float, default=150.0, metavar="SECONDS", help="meta-training time per method (default 150; two methods train at a time)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora")
     p.add_argument("--n-shots", type=int, nargs="+", default=[10, 50], metavar="N", help="default 10 50")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="default 0")

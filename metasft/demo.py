@@ -1,6 +1,6 @@
 """``metasft demo``: the whole pipeline on a laptop CPU, no downloads (SPEC §8).
 
-    metasft demo                       # ./metasft-demo, 120 s of meta-training per method, two at a time
+    metasft demo                       # ./metasft-demo, 150 s of meta-training per method, two at a time
     metasft demo --budget 30 --out /tmp/demo
 
 1. generates the built-in cipher suite (120 tasks: 100 for meta-training, 20 held out);

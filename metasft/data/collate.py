@@ -22,20 +22,25 @@ def collate(batch: Sequence[Encoded], pad_token_id: int, pad_to_length: int | No
     padding saves)."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    width = max(len(row) for row in batch) if pad_to_length is None else pad_to_length
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        n = len(row)
-        ids = torch.tensor(row.input_ids, dtype=torch.long)
-        input_ids[i, :n] = ids
-        attention_mask[i, :n] = 1
-        targets = torch.tensor(row.target_mask, dtype=torch.bool)
-        labels[i, :n] = torch.where(targets, ids, torch.full_like(ids, IGNORE_INDEX))
+    lengths = [len(row) for row in batch]
+    width = max(lengths) if pad_to_length is None else pad_to_length
+    # Rows keep their tensors (built once per row, see Encoded.tensors): a batch is two pads.
+    ids, labels = zip(*(row.tensors() for row in batch))
+    input_ids = _pad(ids, width, pad_token_id)
+    labels = _pad(labels, width, IGNORE_INDEX)
+    lengths_t = torch.tensor(lengths)
+    positions = torch.arange(width).unsqueeze(0)
+    attention_mask = (positions < lengths_t.unsqueeze(1)).long()
     # verl's compute_position_id_with_mask: positions count attended tokens, padding stays at 0.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) * attention_mask
+    position_ids = positions * attention_mask
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+def _pad(rows, width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : row.numel()] = row
+    return out
 
 
 def num_target_tokens(batch: dict[str, torch.Tensor]) -> int:

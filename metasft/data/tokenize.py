@@ -38,6 +38,18 @@ class Encoded:
     def num_targets(self) -> int:
         return sum(self.target_mask)
 
+    def tensors(self):
+        """``(input_ids, labels)`` as tensors, built on first use and kept: batches are assembled
+        every inner step, tokenisation and list-to-tensor conversion happen once per row."""
+        cached = self.__dict__.get("_tensors")
+        if cached is None:
+            import torch
+
+            ids = torch.tensor(self.input_ids, dtype=torch.long)
+            labels = torch.where(torch.tensor(self.target_mask, dtype=torch.bool), ids, torch.full_like(ids, -100))
+            cached = self.__dict__["_tensors"] = (ids, labels)
+        return cached
+
     def __len__(self) -> int:
         return len(self.input_ids)
 
