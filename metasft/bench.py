@@ -344,6 +344,7 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks(sorted({e["n_shots"] for e in summary}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("n_shots (support examples)")
         ax.set_ylabel(name.replace("_", " ") + " on held-out query sets")
         ax.grid(alpha=0.3)

@@ -77,10 +77,14 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from metasft.config import load_config
-    from metasft.train import train
+    from metasft.train import TrainingInterrupted, train
 
     cfg = load_config(path=args.config, name=args.config_name, overrides=args.overrides)
-    checkpoint = train(cfg)
+    try:
+        checkpoint = train(cfg)
+    except TrainingInterrupted as stop:
+        print(f"metasft train: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     if checkpoint is not None:
         print(f"metasft: last checkpoint {checkpoint}")
     return 0

@@ -64,9 +64,43 @@ def learning_rate(cfg: Config, step: int) -> float:
     return base * (1 - (1 - floor) * progress)
 
 
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimizer: torch.optim.Optimizer,
+                  clip_grad: float | None, want_pre: bool = False, sharded: bool = False, world_size: int = 1) -> dict:
+    """One meta-step on this rank's episodes: every task adds its contribution to the meta-gradient,
+    which is all-reduced (task-parallel), checked to be finite, clipped, written to ``.grad`` and
+    applied by the outer optimizer. θ is restored before the step; returns the step's metrics and
+    ``applied`` (False when a non-finite loss or gradient made it skip)."""
+    weight = algorithm.task_weight(num_tasks)
+    engine.snapshot()
+    engine.zero_meta_grad()
+    task_metrics = [algorithm.run_task(engine, ep, weight, want_pre=want_pre) for ep in episodes]
+    engine.restore()
+    if not sharded:  # under FSDP the gradients arrived already reduced, sharded like θ
+        distributed.all_reduce_sum_(engine.meta_grad)
+    sums = [sum(m.tokens for m in task_metrics), float(not all(m.finite for m in task_metrics)),
+            sum(m.extra.get("loss_part", 0.0) for m in task_metrics)]
+    for attr in ("query_loss_pre", "query_loss_post", "support_loss_first"):
+        values = [getattr(m, attr) for m in task_metrics if getattr(m, attr) is not None]
+        sums += [sum(values), len(values)]
+    sums = distributed.all_reduce_scalars(sums, engine.device)
+    if sharded:
+        # Every rank saw every task: per-task values are partial sums over ranks, counts are not.
+        sums[4::2] = [count / world_size for count in sums[4::2]]
+    grad_norm = engine.meta_grad_norm(sharded=sharded)
+    applied = sums[1] == 0 and math.isfinite(grad_norm)
+    if applied:
+        if clip_grad is not None:
+            engine.clip_meta_grad(clip_grad, grad_norm)
+        engine.write_meta_grad()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    metrics = {"applied": applied, "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens": int(sums[0])}
+    for i, name in enumerate(("query_loss_pre", "query_loss_post", "support_loss")):
+        total, count = sums[3 + 2 * i], sums[4 + 2 * i]
+        metrics[name] = total / count if count else None
+    if not algorithm.episodic:
+        metrics["loss"] = sums[2]
+    return metrics
 
 
 class Trainer:
@@ -111,6 +145,7 @@ class Trainer:
                                 force_math_attention=self.algorithm.second_order, grad_via_backward=self.fsdp)
         self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params])
         self.step = 0
+        self._signal = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self._resume()
@@ -171,49 +206,17 @@ class Trainer:
         started = time.perf_counter()
         mine = (lambda ids: ids) if self.fsdp else (lambda ids: distributed.shard(ids, self.env))
         episodes, num_tasks = self.sampler.episodes(self.step, mine=mine)
-        weight = self.algorithm.task_weight(num_tasks)
-        engine = self.engine
-        engine.snapshot()
-        engine.zero_meta_grad()
-        task_metrics = [self.algorithm.run_task(engine, ep, weight, want_pre=want_logs) for ep in episodes]
-        engine.restore()
-        if not self.fsdp:  # under FSDP the gradients arrived already reduced, sharded like θ
-            distributed.all_reduce_sum_(engine.meta_grad)
-
-        local_finite = all(m.finite for m in task_metrics)
-        sums = [sum(m.tokens for m in task_metrics), float(not local_finite),
-                sum(m.extra.get("loss_part", 0.0) for m in task_metrics)]
-        for attr in ("query_loss_pre", "query_loss_post", "support_loss_first"):
-            values = [getattr(m, attr) for m in task_metrics if getattr(m, attr) is not None]
-            sums += [sum(values), len(values)]
-        sums = distributed.all_reduce_scalars(sums, self.device)
-        if self.fsdp:
-            # Every rank saw every task: per-task values are partial sums over ranks, counts are not.
-            sums[4::2] = [count / self.env.world_size for count in sums[4::2]]
-        grad_norm = engine.meta_grad_norm(sharded=self.fsdp)
-        finite = sums[1] == 0 and math.isfinite(grad_norm)
-        if finite:
-            if cfg.optim.clip_grad is not None:
-                engine.clip_meta_grad(cfg.optim.clip_grad, grad_norm)
-            engine.write_meta_grad()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        result = run_meta_step(self.engine, self.algorithm, episodes, num_tasks, self.optimizer, cfg.optim.clip_grad,
+                               want_pre=want_logs, sharded=self.fsdp, world_size=self.env.world_size)
+        if result.pop("applied"):
             self.nonfinite_streak = 0
         else:
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
         self.step += 1
         elapsed = time.perf_counter() - started
-        metrics = {"lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                   "tokens": int(sums[0]), "tokens_per_s": sums[0] / elapsed, "step_time_s": elapsed,
-                   "nonfinite_skipped": self.nonfinite_total}
-        names = ("query_loss_pre", "query_loss_post", "support_loss")
-        for i, name in enumerate(names):
-            total, count = sums[3 + 2 * i], sums[4 + 2 * i]
-            metrics[name] = total / count if count else None
-        if not self.algorithm.episodic:
-            metrics["loss"] = sums[2]
-        return metrics
+        return {"lr": lr, **result, "tokens_per_s": result["tokens"] / elapsed, "step_time_s": elapsed,
+                "nonfinite_skipped": self.nonfinite_total}
 
     def evaluate_held_out(self) -> dict:
         """Adapt to each held-out task as `metasft adapt` would and average its query losses."""
@@ -242,6 +245,11 @@ class Trainer:
         over = float(time.monotonic() - started >= budget)
         return distributed.all_reduce_scalars([over], self.device)[0] > 0
 
+    def _stop_requested(self) -> int:
+        """The signal (SIGINT/SIGTERM) any rank has received, agreed on by every rank, or 0."""
+        return int(distributed.all_reduce_scalars([float(self._signal)], self.device)[0]) if self.env.distributed \
+            else self._signal
+
     def fit(self) -> Path | None:
         cfg, t = self.cfg, self.cfg.trainer
         total = t.total_training_steps
@@ -250,31 +258,79 @@ class Trainer:
         display = _ConsoleDisplay(total, self.step, enabled=self.env.is_main and "console" in t.logger)
         last_saved = None
         started = time.monotonic()
-        try:
-            while self.step < total:
-                if t.time_budget_s is not None and self._budget_spent(started, t.time_budget_s):
-                    if last_saved is None or last_saved.name != f"step_{self.step}":
+        with _StopOnSignal(self):
+            try:
+                while self.step < total:
+                    if t.time_budget_s is not None and self._budget_spent(started, t.time_budget_s):
+                        if last_saved is None or last_saved.name != f"step_{self.step}":
+                            last_saved = self.save()
+                        break
+                    want_logs = (self.step + 1) % t.log_freq == 0 or self.step + 1 == total
+                    metrics = self.meta_step(want_logs)
+                    if self.nonfinite_streak >= t.max_nonfinite_steps:
+                        raise MetasftError(
+                            f"training stopped at meta-step {self.step}: non-finite loss or gradient for "
+                            f"{self.nonfinite_streak} consecutive meta-steps (lower meta.inner_lr/meta.outer_lr, or "
+                            f"use trainer.precision=fp32); last checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
+                    if held_out_due := (self.held_out_tasks and t.test_freq > 0
+                                        and (self.step % t.test_freq == 0 or self.step == total)):
+                        metrics.update(self.evaluate_held_out())
+                    if want_logs or held_out_due:
+                        logger.log(self.step, metrics)
+                    display.update(self.step, metrics)
+                    if self.step == total or (t.save_freq > 0 and self.step % t.save_freq == 0):
                         last_saved = self.save()
-                    break
-                want_logs = (self.step + 1) % t.log_freq == 0 or self.step + 1 == total
-                metrics = self.meta_step(want_logs)
-                if self.nonfinite_streak >= t.max_nonfinite_steps:
-                    raise MetasftError(
-                        f"training stopped at meta-step {self.step}: non-finite loss or gradient for "
-                        f"{self.nonfinite_streak} consecutive meta-steps (lower meta.inner_lr/meta.outer_lr, or "
-                        f"use trainer.precision=fp32); last checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
-                if held_out_due := (self.held_out_tasks and t.test_freq > 0
-                                    and (self.step % t.test_freq == 0 or self.step == total)):
-                    metrics.update(self.evaluate_held_out())
-                if want_logs or held_out_due:
-                    logger.log(self.step, metrics)
-                display.update(self.step, metrics)
-                if self.step == total or (t.save_freq > 0 and self.step % t.save_freq == 0):
-                    last_saved = self.save()
-        finally:
-            display.close()
-            logger.close()
+                    if signum := self._stop_requested():
+                        # Between meta-steps θ is consistent: saving here loses nothing.
+                        if last_saved is None or last_saved.name != f"step_{self.step}":
+                            last_saved = self.save()
+                        raise TrainingInterrupted(signum, self.step, last_saved)
+            finally:
+                display.close()
+                logger.close()
         return last_saved or latest_checkpoint(self.run_dir)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run stopped after a meta-step and saved a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        import signal
+
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after meta-step {step}; saved {checkpoint}; "
+                         "run the same command again to resume (trainer.resume_mode=auto)")
+
+
+class _StopOnSignal:
+    """While training, SIGINT/SIGTERM ask the loop to stop at the end of the current meta-step
+    (a second signal stops at once, the checkpoints on disk being complete either way)."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.trainer._signal = 0
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.trainer._signal:
+            raise KeyboardInterrupt
+        self.trainer._signal = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
 
 
 class _ConsoleDisplay:

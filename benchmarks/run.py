@@ -1,0 +1,323 @@
+"""metasft performance benchmarks: cost ratios measured side by side, in one run, on the same batches.
+
+    python benchmarks/run.py --quick            # under 3 minutes on 2 CPU cores
+    python benchmarks/run.py --out benchmarks/results.json
+
+Prints one JSON object (and writes it to --out). Every figure is a median over repeats, and
+timings that are compared are taken in the same process on the same batches; peak memory is
+measured in fresh subprocesses (peak RSS on CPU, ``max_memory_allocated`` on CUDA). Keys:
+
+- ``fomaml_over_floor`` / ``reptile_over_floor``: meta-step time over the time of the same
+  forward+backward passes done as plain SFT steps (FOMAML: K support + 1 query per task; Reptile:
+  K support per task — it has no query pass);
+- ``maml_over_fomaml``: second- over first-order meta-step time;
+- ``lora_over_full`` (time), ``lora_over_full_memory``, ``lora_over_full_checkpoint``: META-LoRA over
+  full-weight FOMAML;
+- ``fomaml_mem_over_sft``, ``maml_mem_over_sft``: peak memory of a meta-step over a plain SFT step;
+- ``padding_speedup``: training tokens/s with dynamic padding over padding to max_length on a
+  long-tailed length distribution;
+- ``generate_batched_speedup``: rows/s of batched KV-cache generation (batch 16) over one row at a time;
+- ``scaling``: meta-step time against num_inner_steps and meta_batch_size, with linear fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metasft.algorithms import Episode, InnerLoop, build_algorithm
+from metasft.config import MetaConfig, ModelConfig
+from metasft.data.collate import collate
+from metasft.data.formatting import Example
+from metasft.data.tokenize import encode_examples
+from metasft.evaluate import _prompt_ids, generate
+from metasft.losses import lm_loss
+from metasft.model import apply_lora, count_parameters, trainable_named_parameters
+from metasft.tiny import build_tiny_model, build_tokenizer
+from metasft.train import run_meta_step
+
+MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512)
+
+
+def build(lora: bool = False):
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, arch="llama", **MODEL)
+    model.train()
+    if lora:
+        model = apply_lora(model, ModelConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    return tokenizer, model
+
+
+def cipher_rows(rng: np.random.Generator, n: int, length: int = 12) -> list[Example]:
+    key = rng.permutation(10)
+    rows = []
+    for _ in range(n):
+        digits = rng.integers(0, 10, size=length)
+        rows.append(Example(prompt="map: " + " ".join(map(str, digits)), response=" " + " ".join(str(key[d]) for d in digits)))
+    return rows
+
+
+def make_episodes(tokenizer, num_tasks: int, num_inner_steps: int, batch_size: int = 8, seed: int = 0) -> list[Episode]:
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for t in range(num_tasks):
+        rows = encode_examples(cipher_rows(rng, batch_size * (num_inner_steps + 1)), tokenizer, 256, chat_template="none")
+        batches = [collate(rows[i * batch_size:(i + 1) * batch_size], tokenizer.pad_token_id)
+                   for i in range(num_inner_steps + 1)]
+        episodes.append(Episode(task=f"t{t}", support_batches=batches[:-1], query_batch=batches[-1]))
+    return episodes
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class MetaStepper:
+    """One algorithm's meta-step, exactly as the trainer runs it (``run_meta_step``)."""
+
+    def __init__(self, model, algorithm: str, num_inner_steps: int, inner_lr: float = 0.05):
+        self.algorithm = build_algorithm(MetaConfig(algorithm=algorithm))
+        self.engine = InnerLoop(model, trainable_named_parameters(model), inner_lr, num_inner_steps,
+                                force_math_attention=self.algorithm.second_order)
+        self.optimizer = torch.optim.AdamW(self.engine.params, lr=1e-4, foreach=True)
+
+    def __call__(self, episodes):
+        run_meta_step(self.engine, self.algorithm, episodes, len(episodes), self.optimizer, clip_grad=1.0)
+
+
+def sft_floor(model, batches_per_task: list[list[dict]], lr: float = 0.05):
+    """The compute floor: the same forward+backward passes as plain SFT steps (SGD update)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        for batches in batches_per_task:
+            for batch in batches:
+                loss = lm_loss(model, batch)
+                grads = torch.autograd.grad(loss, params)
+                with torch.no_grad():
+                    torch._foreach_add_(params, grads, alpha=-lr)
+    return run
+
+
+def step_ratios(repeats: int) -> dict:
+    tokenizer, model = build()
+    K, T = 5, 4
+    episodes = make_episodes(tokenizer, T, K)
+    out = {}
+    fomaml = MetaStepper(model, "fomaml", K)
+    reptile = MetaStepper(model, "reptile", K)
+    maml = MetaStepper(model, "maml", K)
+    floor_fomaml = sft_floor(model, [e.support_batches + [e.query_batch] for e in episodes])
+    floor_reptile = sft_floor(model, [e.support_batches for e in episodes])
+    # Interleave the measurements so that drift of a shared machine hits both sides alike.
+    samples = {k: [] for k in ("fomaml", "floor_fomaml", "reptile", "floor_reptile", "maml")}
+    runs = {"fomaml": lambda: fomaml(episodes), "floor_fomaml": floor_fomaml, "reptile": lambda: reptile(episodes),
+            "floor_reptile": floor_reptile, "maml": lambda: maml(episodes)}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    out["fomaml_over_floor"] = med["fomaml"] / med["floor_fomaml"]
+    out["reptile_over_floor"] = med["reptile"] / med["floor_reptile"]
+    out["maml_over_fomaml"] = med["maml"] / med["fomaml"]
+    out["seconds"] = med
+    _, lora_model = build(lora=True)
+    lora = MetaStepper(lora_model, "fomaml", K)
+    lora_times, full_times = [], []
+    lora(episodes)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lora(episodes)
+        lora_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fomaml(episodes)
+        full_times.append(time.perf_counter() - start)
+    out["lora_over_full"] = statistics.median(lora_times) / statistics.median(full_times)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "full")
+        lora_model.save_pretrained(Path(tmp) / "lora")
+        size = lambda d: sum(f.stat().st_size for f in (Path(tmp) / d).glob("*.safetensors"))  # noqa: E731
+        out["checkpoint_bytes"] = {"full": size("full"), "lora": size("lora")}
+        out["lora_over_full_checkpoint"] = size("lora") / size("full")
+    total, _ = count_parameters(model)
+    out["parameters"] = {"full": total, "lora_trainable": count_parameters(lora_model)[1]}
+    out["shape"] = {"num_tasks": T, "num_inner_steps": K, "batch_size": 8, "tokens_per_row": int(
+        episodes[0].query_batch["attention_mask"].sum() / 8)}
+    return out
+
+
+def scaling(repeats: int, quick: bool) -> dict:
+    tokenizer, model = build()
+    steps_grid = [1, 2, 4] if quick else [1, 2, 4, 8]
+    tasks_grid = [1, 2, 4] if quick else [1, 2, 4, 8]
+    result = {}
+    for name, grid, make in (("num_inner_steps", steps_grid, lambda v: (make_episodes(tokenizer, 2, v), v)),
+                             ("meta_batch_size", tasks_grid, lambda v: (make_episodes(tokenizer, v, 2), 2))):
+        times = []
+        for value in grid:
+            episodes, k = make(value)
+            stepper = MetaStepper(model, "fomaml", k)
+            times.append(median_time(lambda: stepper(episodes), repeats))
+        slope, intercept = np.polyfit(grid, times, 1)
+        predicted = np.polyval([slope, intercept], grid)
+        ss_res = float(((np.array(times) - predicted) ** 2).sum())
+        ss_tot = float(((np.array(times) - np.mean(times)) ** 2).sum())
+        result[name] = {"values": grid, "seconds": times, "seconds_per_unit": float(slope),
+                        "intercept_s": float(intercept), "r2": 1 - ss_res / ss_tot if ss_tot else 1.0}
+    return result
+
+
+def padding_speedup(repeats: int) -> dict:
+    """SFT steps over a long-tailed length distribution: dynamic padding vs padding to max_length."""
+    tokenizer, model = build()
+    rng = np.random.default_rng(1)
+    max_length = 512
+    lengths = np.clip(rng.lognormal(mean=3.3, sigma=0.9, size=64).astype(int), 8, max_length - 8)
+    rows = encode_examples([Example(prompt=" ".join(["7"] * int(n)), response=" 1 2") for n in lengths], tokenizer,
+                           max_length, chat_template="none")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    tokens = sum(len(r) for r in rows)
+
+    def epoch(pad_to):
+        for i in range(0, len(rows), 8):
+            batch = collate(rows[i:i + 8], tokenizer.pad_token_id, pad_to_length=pad_to)
+            lm_loss(model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    dynamic = median_time(lambda: epoch(None), repeats)
+    padded = median_time(lambda: epoch(max_length), max(1, repeats // 2))
+    return {"padding_speedup": padded / dynamic, "tokens_per_s_dynamic": tokens / dynamic,
+            "tokens_per_s_padded": tokens / padded, "max_length": max_length,
+            "length_quantiles": {q: int(np.quantile(lengths, q / 100)) for q in (50, 90, 99)}}
+
+
+def generation_speedup(repeats: int) -> dict:
+    tokenizer, model = build()
+    model.eval()
+    rng = np.random.default_rng(2)
+    rows = encode_examples(cipher_rows(rng, 32), tokenizer, 256, chat_template="none")
+    prompts = [_prompt_ids(r) for r in rows]
+    device = torch.device("cpu")
+    batched = median_time(lambda: generate(model, tokenizer, prompts, 16, 16, device), repeats)
+    single = median_time(lambda: generate(model, tokenizer, prompts, 16, 1, device), max(1, repeats // 2))
+    return {"generate_batched_speedup": single / batched, "rows_per_s_batched": len(prompts) / batched,
+            "rows_per_s_single": len(prompts) / single, "batch_size": 16, "max_new_tokens": 16}
+
+
+# ----------------------------------------------------------------------------- memory (subprocesses)
+
+def memory_probe(kind: str) -> dict:
+    """Run in a fresh process: peak memory of two steps of ``kind`` (sft | fomaml | maml | fomaml_lora)."""
+    tokenizer, model = build(lora=kind == "fomaml_lora")
+    episodes = make_episodes(tokenizer, 4, 5)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "sft":
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        for _ in range(2):
+            for e in episodes:  # the same batches, one SFT step each
+                for batch in e.support_batches + [e.query_batch]:
+                    lm_loss(model, batch).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+    else:
+        stepper = MetaStepper(model, kind.replace("_lora", ""), 5)
+        for _ in range(2):
+            stepper(episodes)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mib": peak / 1024, "baseline_rss_mib": baseline / 1024, "delta_mib": (peak - baseline) / 1024}
+
+
+def memory_ratios() -> dict:
+    results = {}
+    for kind in ("sft", "fomaml", "maml", "fomaml_lora"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-probe", kind], capture_output=True, text=True,
+                              check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = {k: v["peak_rss_mib"] for k, v in results.items()}
+    delta = {k: v["delta_mib"] for k, v in results.items()}
+    return {
+        "fomaml_mem_over_sft": peak["fomaml"] / peak["sft"],
+        "maml_mem_over_sft": peak["maml"] / peak["sft"],
+        "lora_over_full_memory": peak["fomaml_lora"] / peak["fomaml"],
+        "delta_fomaml_over_sft": delta["fomaml"] / max(delta["sft"], 1e-9),
+        "delta_maml_over_sft": delta["maml"] / max(delta["sft"], 1e-9),
+        "probes": results,
+        "note": "peak RSS of a fresh process (includes the Python/torch baseline); delta_* compare the growth "
+                "above the RSS measured after building the model and batches",
+    }
+
+
+def machine() -> dict:
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        model_name = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        info["cpu"] = model_name[0] if model_name else None
+    except OSError:
+        pass
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller scaling grid (< 3 min)")
+    parser.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe)))
+        return
+    torch.manual_seed(0)
+    repeats = 5 if args.quick else 15
+    started = time.perf_counter()
+    result = {"machine": machine(), "model": MODEL, "quick": args.quick}
+    result.update(step_ratios(repeats))
+    result.update(memory_ratios())
+    result.update(padding_speedup(3 if args.quick else 7))
+    result.update(generation_speedup(3 if args.quick else 7))
+    result["scaling"] = scaling(3 if args.quick else 7, args.quick)
+    result["targets"] = {
+        "fomaml_over_floor <= 1.05": result["fomaml_over_floor"] <= 1.05,
+        "reptile_over_floor <= 1.05": result["reptile_over_floor"] <= 1.05,
+        "maml_over_fomaml <= 2.5": result["maml_over_fomaml"] <= 2.5,
+        "fomaml_mem_over_sft <= 1.3": result["fomaml_mem_over_sft"] <= 1.3,
+        "padding_speedup >= 2": result["padding_speedup"] >= 2,
+        "generate_batched_speedup >= 5": result["generate_batched_speedup"] >= 5,
+    }
+    result["wall_seconds"] = time.perf_counter() - started
+    text = json.dumps(result, indent=2)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
