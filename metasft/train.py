@@ -11,7 +11,6 @@ and take one outer-optimizer step. Logging, held-out evaluation and checkpoints 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -110,6 +109,10 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.device = resolve_device(cfg.trainer.device, env)
         self.run_dir = Path(cfg.trainer.default_local_dir)
+        try:  # fail before minutes of loading, not at the first checkpoint
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"trainer.default_local_dir: cannot create {self.run_dir} ({exc.strerror})") from exc
         torch.manual_seed(cfg.trainer.seed)
         self.algorithm = build_algorithm(cfg.meta)
         if self.algorithm.second_order and cfg.model.attn_implementation not in (None, "sdpa", "eager"):
@@ -177,7 +180,7 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         if self.env.is_main:
-            print(f"metasft: resumed from {checkpoint} at meta-step {self.step}", file=sys.stderr)
+            print(f"metasft: resumed from {checkpoint} at meta-step {self.step}", flush=True)
 
     def save(self) -> Path | None:
         model_state = optimizer_state = None
@@ -403,7 +406,7 @@ def train(cfg: Config) -> Path | None:
             total, trainable = count_parameters(trainer.model)
             print(f"metasft: {cfg.meta.algorithm} on {len(trainer.train_tasks)} tasks "
                   f"({len(trainer.held_out_tasks)} held out); parameters {total:,} total, {trainable:,} meta-learned"
-                  f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", file=sys.stderr)
+                  f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", flush=True)
         return trainer.fit()
     finally:
         distributed.shutdown()

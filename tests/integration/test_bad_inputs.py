@@ -110,7 +110,7 @@ CASES = {
     "train: null value": (lambda w: train(w, *one_task(w, w["nulls"])), "nulls.parquet row 1: column 'prompt' is null"),
     "train: row too long": (lambda w: train(w, *one_task(w, w["long"]), "data.max_length=32"), "long.parquet row 0"),
     "train: model missing": (lambda w: train(w, f"model.partial_pretrain={w['root'] / 'nomodel'}"), "model.partial_pretrain: cannot load"),
-    "train: run dir not writable": (lambda w: train(w, f"trainer.default_local_dir={w['afile'] / 'run'}"), "afile"),
+    "train: run dir not writable": (lambda w: train(w, f"trainer.default_local_dir={w['afile'] / 'run'}"), "trainer.default_local_dir: cannot create"),
     "train: resume path missing": (lambda w: train(w, f"trainer.resume_mode={w['root'] / 'nockpt'}"), "trainer.resume_mode: checkpoint"),
     "train: checkpoint of another model": (lambda w: train(w, f"trainer.resume_mode={w['qwen_ckpt']}"), "weights do not fit this model"),
     # adapt
