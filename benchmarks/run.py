@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -232,9 +231,16 @@ def generation_speedup(repeats: int) -> dict:
 
 def memory_probe(kind: str) -> dict:
     """Run in a fresh process: peak memory of two steps of ``kind`` (sft | fomaml | maml | fomaml_lora)."""
+    import gc
+
     tokenizer, model = build(lora=kind == "fomaml_lora")
     episodes = make_episodes(tokenizer, 4, 5)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    # Building the tokenizer and model has its own peak; reset the high-water mark so the peak
+    # below is the steps' own (Linux: writing 5 to clear_refs resets VmHWM).
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    baseline = _proc_status_kib("VmRSS")
     if kind == "sft":
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -248,8 +254,16 @@ def memory_probe(kind: str) -> dict:
         stepper = MetaStepper(model, kind.replace("_lora", ""), 5)
         for _ in range(2):
             stepper(episodes)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _proc_status_kib("VmHWM")
     return {"peak_rss_mib": peak / 1024, "baseline_rss_mib": baseline / 1024, "delta_mib": (peak - baseline) / 1024}
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_ratios() -> dict:
@@ -267,8 +281,8 @@ def memory_ratios() -> dict:
         "delta_fomaml_over_sft": delta["fomaml"] / max(delta["sft"], 1e-9),
         "delta_maml_over_sft": delta["maml"] / max(delta["sft"], 1e-9),
         "probes": results,
-        "note": "peak RSS of a fresh process (includes the Python/torch baseline); delta_* compare the growth "
-                "above the RSS measured after building the model and batches",
+        "note": "peak RSS (VmHWM, reset after building the model and batches) of a fresh process, which includes "
+                "the Python/torch baseline; delta_* compare only the growth above that baseline",
     }
 
 

@@ -204,7 +204,8 @@ class InnerLoop:
                 if not torch.isfinite(loss.detach()):
                     metrics.finite = False
             grads = self.grad(loss, list(weights.values()), create_graph=create_graph)
-            weights = {name: w - self.inner_lr * g for (name, w), g in zip(weights.items(), grads)}
+            # torch.add with alpha: one differentiable op per tensor instead of a mul and a sub.
+            weights = {name: torch.add(w, g, alpha=-self.inner_lr) for (name, w), g in zip(weights.items(), grads)}
         return weights
 
 
