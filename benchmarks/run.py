@@ -33,7 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
 import torch
 
 from metasft.algorithms import Episode, InnerLoop, build_algorithm

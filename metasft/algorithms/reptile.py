@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from metasft.algorithms.base import MetaAlgorithm
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _local
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics
 
 
 class Reptile(MetaAlgorithm):
@@ -33,7 +33,7 @@ class Reptile(MetaAlgorithm):
         engine.adapt_in_place(episode.support_batches, metrics, optimizer=optimizer)
         if want_pre and episode.query_batch is not None:
             metrics.query_loss_post = engine.eval_loss(episode.query_batch)
-        with torch.no_grad():
-            delta = torch._foreach_sub(_local(engine.theta), _local(engine.params))  # θ − φ
-        engine.accumulate(delta, weight)
+        # meta_grad += weight·(θ − φ), as two in-place adds: no parameter-sized temporaries.
+        engine.accumulate(engine.theta, weight)
+        engine.accumulate(engine.params, -weight)
         return metrics
