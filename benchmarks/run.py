@@ -157,6 +157,7 @@ def step_ratios(repeats: int) -> dict:
         fomaml(episodes)
         full_times.append(time.perf_counter() - start)
     out["lora_over_full"] = statistics.median(lora_times) / statistics.median(full_times)
+    out["seconds"].update({"fomaml_lora": statistics.median(lora_times), "fomaml_beside_lora": statistics.median(full_times)})
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "full")
         lora_model.save_pretrained(Path(tmp) / "lora")
