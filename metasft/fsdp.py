@@ -48,6 +48,16 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> torch.nn.Module:
     return model
 
 
+def reshard_all(model: torch.nn.Module) -> None:
+    """Drop every gathered (unsharded) parameter copy. FSDP2 keeps the root's parameters gathered
+    after a forward that no backward follows (a ``no_grad`` evaluation); a later in-place write to
+    the shards (restoring θ, an SGD step) would then be invisible to the next forward, which
+    would reuse the stale gathered copy. Call this before writing to parameters."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU (a collective: every rank must call it)."""
     return get_model_state_dict(model, options=FULL_CPU)

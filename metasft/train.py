@@ -91,6 +91,7 @@ def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimi
         if clip_grad is not None:
             engine.clip_meta_grad(clip_grad, grad_norm)
         engine.write_meta_grad()
+        engine.before_param_write()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     metrics = {"applied": applied, "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens": int(sums[0])}
@@ -146,6 +147,10 @@ class Trainer:
                                 autocast_dtype=(torch.bfloat16 if cfg.trainer.precision == "bf16" and not self.fsdp
                                                 else None),  # under FSDP its mixed-precision policy casts
                                 force_math_attention=self.algorithm.second_order, grad_via_backward=self.fsdp)
+        if self.fsdp:
+            from metasft.fsdp import reshard_all
+
+            self.engine.before_param_write = lambda: reshard_all(self.model)
         self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params])
         self.step = 0
         self._signal = 0

@@ -82,6 +82,8 @@ class InnerLoop:
         # FSDP2 delivers (reduce-scattered) gradients through .grad in backward(); autograd.grad
         # would bypass its hooks. First-order paths then read .grad instead.
         self.grad_via_backward = grad_via_backward
+        # Called before the engine writes to parameters in place (FSDP: drop gathered copies).
+        self.before_param_write = lambda: None
         self.device = self.params[0].device
         with torch.no_grad():
             self.theta = [p.detach().clone() for p in self.params]
@@ -94,6 +96,7 @@ class InnerLoop:
 
     @torch.no_grad()
     def restore(self) -> None:
+        self.before_param_write()
         torch._foreach_copy_(_local(self.params), _local(self.theta))
 
     @torch.no_grad()
@@ -174,13 +177,9 @@ class InnerLoop:
         With ``optimizer`` (Reptile's optional inner Adam) that optimizer steps instead of SGD."""
         for step, batch in enumerate(support_batches):
             loss = self.loss(batch)
-            if metrics is not None:
-                metrics.tokens += _tokens(batch)
-                if step == 0:
-                    metrics.support_loss_first = float(loss.detach())
-                if not torch.isfinite(loss.detach()):
-                    metrics.finite = False
+            _record_inner_step(metrics, step, batch, loss)
             grads = self.grad(loss)
+            self.before_param_write()
             if optimizer is None:
                 with torch.no_grad():
                     torch._foreach_add_(_local(self.params), _local(grads), alpha=-self.inner_lr)
@@ -197,16 +196,22 @@ class InnerLoop:
         weights = dict(zip(self.names, self.params))
         for step, batch in enumerate(support_batches):
             loss = self.loss(batch, weights)
-            if metrics is not None:
-                metrics.tokens += _tokens(batch)
-                if step == 0:
-                    metrics.support_loss_first = float(loss.detach())
-                if not torch.isfinite(loss.detach()):
-                    metrics.finite = False
+            _record_inner_step(metrics, step, batch, loss)
             grads = self.grad(loss, list(weights.values()), create_graph=create_graph)
             # torch.add with alpha: one differentiable op per tensor instead of a mul and a sub.
             weights = {name: torch.add(w, g, alpha=-self.inner_lr) for (name, w), g in zip(weights.items(), grads)}
         return weights
+
+
+def _record_inner_step(metrics: TaskMetrics | None, step: int, batch: Batch, loss: torch.Tensor) -> None:
+    if metrics is None:
+        return
+    metrics.tokens += _tokens(batch)
+    value = float(loss.detach())
+    if step == 0:
+        metrics.support_loss_first = value
+    if not math.isfinite(value):
+        metrics.finite = False
 
 
 class _FunctionalModel:

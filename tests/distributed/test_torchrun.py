@@ -52,18 +52,17 @@ def assert_same_update(single, multi, initial=None):
     assert float(den) > 0 and float(num / den) <= 1e-4, float(num / den)
 
 
-CASES = [
-    ("task-parallel", "maml", []),
-    ("task-parallel", "fomaml", ["model.lora_rank=4", "model.lora_alpha=8"]),
-    ("task-parallel", "reptile", []),
-    ("task-parallel", "sft", []),
-    ("fsdp", "fomaml", []),
-    ("fsdp", "reptile", ["model.lora_rank=4", "model.lora_alpha=8"]),
-    ("fsdp", "sft", []),
-]
+LORA = ["model.lora_rank=4", "model.lora_alpha=8"]
+# Every supported (strategy, algorithm, scope); second-order MAML under FSDP is refused (tested in
+# tests/unit/test_config.py and tests/integration/test_bad_inputs.py).
+CASES = [(strategy, algorithm, extra)
+         for strategy, algorithms in (("task-parallel", ("maml", "fomaml", "reptile", "sft")),
+                                      ("fsdp", ("fomaml", "reptile", "sft")))
+         for algorithm in algorithms for extra in ([], LORA)]
 
 
-@pytest.mark.parametrize("strategy,algorithm,extra", CASES)
+@pytest.mark.parametrize("strategy,algorithm,extra", CASES,
+                         ids=[f"{s}-{a}-{'lora' if e else 'full'}" for s, a, e in CASES])
 def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extra):
     tasks = write_tasks(tmp_path / "tasks", 4, 5, 4)
     args = [f"model.partial_pretrain={tiny_llama_dir}", f"meta.algorithm={algorithm}", *EXACT, *tasks, *extra]
@@ -125,3 +124,17 @@ def test_killing_one_rank_ends_the_run(tmp_path, tiny_llama_dir):
         pytest.fail("the surviving rank hung after its peer was killed")
     assert code != 0
     assert not any(p.name.startswith(".step") for p in (tmp_path / "run").iterdir())
+
+
+def test_fsdp_bf16_mixed_precision_trains_and_saves_fp32(tmp_path, tiny_llama_dir):
+    tasks = write_tasks(tmp_path / "tasks", 4, 6, 4)
+    proc = torchrun([f"model.partial_pretrain={tiny_llama_dir}", "meta.algorithm=fomaml", "model.use_fsdp=true",
+                     "trainer.precision=bf16", "meta.meta_batch_size=2", "meta.inner_batch_size=3",
+                     "meta.num_inner_steps=2", "trainer.total_training_steps=2", "data.chat_template=none",
+                     "trainer.logger=[jsonl]", "trainer.device=cpu", f"trainer.default_local_dir={tmp_path / 'run'}",
+                     *tasks])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = weights(tmp_path / "run" / "step_2")
+    initial = load_file(tiny_llama_dir / "model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)

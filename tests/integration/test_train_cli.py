@@ -112,8 +112,10 @@ def test_lora_run_keeps_base_weights_and_saves_a_peft_adapter(tmp_path, tiny_lla
     assert len(load_file(step / "adapter_model.safetensors")) > 0
 
 
-def test_resume_continues_the_same_trajectory(tmp_path, tiny_llama_dir):
-    overrides = write_tasks(tmp_path / "tasks", 4, 8, 4) + [
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_continues_the_same_trajectory(tmp_path, tiny_llama_dir, lora):
+    weights_file = "adapter_model.safetensors" if lora else "model.safetensors"
+    overrides = (["model.lora_rank=4", "model.lora_alpha=8"] if lora else []) + write_tasks(tmp_path / "tasks", 4, 8, 4) + [
         "meta.meta_batch_size=2", "meta.inner_batch_size=3", "meta.query_batch_size=3", "meta.num_inner_steps=2",
         "trainer.total_training_steps=4", "trainer.save_freq=2", "optim.name=adamw", "meta.outer_lr=0.003",
         "optim.lr_scheduler=cosine", "optim.warmup_steps_ratio=0.25", "data.chat_template=none",
@@ -125,11 +127,12 @@ def test_resume_continues_the_same_trajectory(tmp_path, tiny_llama_dir):
 
     shutil.rmtree(tmp_path / "broken" / "step_4")
     run_train(tiny_llama_dir, tmp_path / "broken", overrides)
-    a = load_file(tmp_path / "straight" / "step_4" / "model.safetensors")
-    b = load_file(tmp_path / "broken" / "step_4" / "model.safetensors")
+    a = load_file(tmp_path / "straight" / "step_4" / weights_file)
+    b = load_file(tmp_path / "broken" / "step_4" / weights_file)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    first = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
-    assert any(not torch.equal(a[k], first[k]) for k in a)
+    if not lora:
+        first = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+        assert any(not torch.equal(a[k], first[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
