@@ -128,8 +128,10 @@ class InnerLoop:
     @torch.no_grad()
     def write_meta_grad(self) -> None:
         """Leave the meta-gradient in ``.grad`` for the outer optimizer (and clipping)."""
+        # The buffer itself, not a copy: optimizers read .grad without modifying it, and the buffer
+        # is zeroed at the start of the next meta-step.
         for param, grad in zip(self.params, self.meta_grad):
-            param.grad = grad.clone()
+            param.grad = grad
 
     # ------------------------------------------------------------------ losses and gradients
     def _context(self):
