@@ -89,6 +89,11 @@ def run_demo(out: str | Path, budget: float, methods: list[str], n_shots: list[i
     console = Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "runs").exists():
+        # Time-budgeted runs would resume and train for another budget: a demo measures afresh.
+        import shutil
+
+        shutil.rmtree(out / "runs")
     console.print(f"[bold]metasft demo[/bold] → {out}  ({budget:g} s of meta-training per method)")
     manifest = generate_suite(out / "data", num_tasks=num_tasks, num_held_out=num_held_out, support_size=100, query_size=50)
     console.print(f"suite: {len(manifest['train_tasks'])} meta-training and {len(manifest['held_out_tasks'])} held-out "
