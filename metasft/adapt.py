@@ -90,9 +90,7 @@ def adapt_command(args) -> Path:
 
     from metasft.checkpoint import load_pretrained
     from metasft.config import DataConfig
-    from metasft.data.formatting import rows_to_examples
-    from metasft.data.io import read_rows
-    from metasft.data.tokenize import encode_examples
+    from metasft.data.tasks import encode_file
     from metasft.distributed import DistEnv
     from metasft.errors import MetasftError
     from metasft.model import trainable_named_parameters
@@ -114,11 +112,9 @@ def adapt_command(args) -> Path:
     if lr is None or (args.steps is None and args.epochs is None and meta is None):
         raise MetasftError(f"--checkpoint {args.checkpoint}: has no meta-training settings; give --lr and --steps or --epochs")
     data_cfg = saved.data if saved is not None else DataConfig()
-    examples, _ = rows_to_examples(read_rows(args.data), args.data, data_cfg.prompt_key, data_cfg.response_key,
-                                   data_cfg.messages_key)
+    examples, rows = encode_file(args.data, data_cfg, tokenizer)
     if args.n_shots > len(examples):
         raise MetasftError(f"--n-shots: {args.n_shots} exceeds the {len(examples)} rows of {args.data}")
-    rows = encode_examples(examples, tokenizer, data_cfg.max_length, data_cfg.truncation, data_cfg.chat_template)
     shots = [rows[i] for i in select_shots(len(rows), args.n_shots, args.seed, "adapt")]
     batch_size = min(batch_size, len(shots))
     if args.steps is not None:

@@ -15,6 +15,7 @@ hyperparameter sweep: its variants are ranked in ``sweep.md`` and the best writt
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -432,7 +433,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     write_csv(rows, out / "results.csv")
     table = markdown_table(summary, info)
     result = {"summary": summary, "methods": info, "rows": rows,
-              "machine": _machine(), "config": _asdict(cfg)}
+              "machine": _machine(), "config": dataclasses.asdict(cfg)}
     ranked = rank_sweep(summary, methods, cfg.metric)
     if ranked:
         best = ranked[0][2]
@@ -450,12 +451,6 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     console.print(table, markup=False, highlight=False)
     console.print(f"wrote {out}/results.csv, results.json, results.md, adaptation.png", markup=False, highlight=False)
     return result
-
-
-def _asdict(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def _machine() -> dict:

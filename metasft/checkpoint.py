@@ -155,13 +155,7 @@ def load_model_weights(model, checkpoint: str | os.PathLike, lora: bool) -> None
         if len(state) == 0 or missing:
             raise MetasftError(f"{checkpoint}: adapter does not match the model (missing {missing[:1] or expected})")
         return
-    files = sorted(checkpoint.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith("adapter_")]
-    if not files:
-        raise MetasftError(f"{checkpoint}: no model safetensors (is this a full-weight checkpoint?)")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
+    state = read_model_weights(checkpoint, lora=False)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -29,6 +29,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
+def _add_model_data_args(parser: argparse.ArgumentParser, data_help: str) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a metasft checkpoint or any model directory")
+    parser.add_argument("--data", required=True, metavar="FILE", help=data_help)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", metavar="PATH", help="YAML config file")
@@ -173,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Few-shot adaptation (full or LoRA, matching the checkpoint). Defaults come from the "
                                    "checkpoint's meta-training: SGD at meta.inner_lr for meta.num_inner_steps steps on "
                                    "batches of meta.inner_batch_size. A base model needs --lr and --steps/--epochs.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a metasft checkpoint or any model directory")
-    p.add_argument("--data", required=True, metavar="FILE", help="the task's examples (.parquet/.jsonl/.json/.csv)")
+    _add_model_data_args(p, "the task's examples (.parquet/.jsonl/.json/.csv)")
     p.add_argument("--n-shots", type=int, required=True, metavar="N", help="examples to adapt on (a seeded choice)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="K", help="adaptation steps")
@@ -184,20 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd (what MAML optimises for)")
     p.add_argument("--seed", type=int, default=0, help="which examples and their order (default 0)")
     p.add_argument("--output", required=True, metavar="DIR", help="where to save the adapted model (must not exist)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     _add_common(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("eval", help="query loss, token accuracy, exact match and ROUGE-L of a model on a task",
                        description="Evaluate a model directory on a data file; prints one JSON object.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a metasft checkpoint or any model directory")
-    p.add_argument("--data", required=True, metavar="FILE", help="rows to evaluate on")
+    _add_model_data_args(p, "rows to evaluate on")
     p.add_argument("--batch-size", type=int, default=32, help="rows per batch (default 32)")
     p.add_argument("--max-new-tokens", type=int, help="generation length (default: longest reference + 4)")
     p.add_argument("--no-generation", action="store_true", help="skip generation (loss and token accuracy only)")
     p.add_argument("--predictions", action="store_true", help="include the generated texts in the JSON")
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -110,9 +110,8 @@ def eval_command(args) -> dict:
 
     from metasft.checkpoint import load_pretrained
     from metasft.config import DataConfig
-    from metasft.data.formatting import rows_to_examples
-    from metasft.data.io import read_rows, write_json_atomic
-    from metasft.data.tokenize import encode_examples
+    from metasft.data.tasks import encode_file
+    from metasft.data.io import write_json_atomic
     from metasft.distributed import DistEnv
     from metasft.errors import MetasftError
     from metasft.train import resolve_device
@@ -123,9 +122,7 @@ def eval_command(args) -> dict:
         raise MetasftError(f"--max-new-tokens: {args.max_new_tokens} must be >= 1")
     model, tokenizer, saved = load_pretrained(args.checkpoint)
     data_cfg = saved.data if saved is not None else DataConfig()
-    examples, _ = rows_to_examples(read_rows(args.data), args.data, data_cfg.prompt_key, data_cfg.response_key,
-                                   data_cfg.messages_key)
-    rows = encode_examples(examples, tokenizer, data_cfg.max_length, data_cfg.truncation, data_cfg.chat_template)
+    examples, rows = encode_file(args.data, data_cfg, tokenizer)
     device = resolve_device(args.device, DistEnv())
     model.to(device)
     result: dict = {"checkpoint": str(args.checkpoint), "data": str(args.data), "rows": len(rows)}

@@ -72,9 +72,15 @@ def load_examples(files: list[str], data: DataConfig, where: str) -> list[Exampl
     examples: list[Example] = []
     for file in files:
         rows = read_rows(file)
-        found, _ = rows_to_examples(rows, f"{where} {file}", data.prompt_key, data.response_key, data.messages_key)
+        found, _ = rows_to_examples(rows, f"{where} {file}".strip(), data.prompt_key, data.response_key, data.messages_key)
         examples.extend(found)
     return examples
+
+
+def encode_file(path: str, data: DataConfig, tokenizer) -> tuple[list[Example], list[Encoded]]:
+    """A data file's examples and their encodings under ``data`` (for `adapt` and `eval`)."""
+    examples = load_examples([path], data, "")
+    return examples, encode_examples(examples, tokenizer, data.max_length, data.truncation, data.chat_template)
 
 
 def load_task(spec: TaskSpec, data: DataConfig, tokenizer) -> Task:
