@@ -146,7 +146,7 @@ class Trainer:
         self.engine = InnerLoop(self.model, self.named_params, cfg.meta.inner_lr, cfg.meta.num_inner_steps,
                                 autocast_dtype=(torch.bfloat16 if cfg.trainer.precision == "bf16" and not self.fsdp
                                                 else None),  # under FSDP its mixed-precision policy casts
-                                force_math_attention=self.algorithm.second_order, grad_via_backward=self.fsdp)
+                                grad_via_backward=self.fsdp)
         if self.fsdp:
             from metasft.fsdp import reshard_all
 

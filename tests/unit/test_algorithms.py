@@ -67,7 +67,7 @@ def load_double(model_dir, lora=False):
 def engine_grad(model, algorithm_name, episodes, lr=INNER_LR, **meta):
     algorithm = build_algorithm(MetaConfig(algorithm=algorithm_name, **meta))
     named = trainable_named_parameters(model)
-    engine = InnerLoop(model, named, lr, K, force_math_attention=algorithm.second_order)
+    engine = InnerLoop(model, named, lr, K)
     engine.snapshot()
     engine.zero_meta_grad()
     before = [p.detach().clone() for _, p in named]
