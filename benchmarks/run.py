@@ -3,14 +3,16 @@
     python benchmarks/run.py --quick            # under 3 minutes on 2 CPU cores
     python benchmarks/run.py --out benchmarks/results.json
 
-Prints one JSON object (and writes it to --out). Every figure is a median over repeats, and
-timings that are compared are taken in the same process on the same batches; peak memory is
-measured in fresh subprocesses (peak RSS on CPU, ``max_memory_allocated`` on CUDA). Keys:
+Prints one JSON object (and writes it to --out). Every ratio is a median over rounds of the two
+sides timed back to back (alternating which goes first), in the same process on the same
+batches; peak memory is peak RSS of fresh subprocesses. Everything runs on the CPU. Keys:
 
 - ``fomaml_over_floor`` / ``reptile_over_floor``: meta-step time over the time of the same
   forward+backward passes done as plain SFT steps (FOMAML: K support + 1 query per task; Reptile:
   K support per task — it has no query pass);
-- ``maml_over_fomaml``: second- over first-order meta-step time;
+- ``maml_over_fomaml``: second- over first-order meta-step time; ``maml_over_second_order_bound`` divides
+  it by (9K+3)/(3K+3), the matmul ratio that exact second order cannot go below (see
+  ``second_order_matmul_bound``), and ``maml_over_fomaml_by_inner_steps`` gives both against K;
 - ``lora_over_full`` (time), ``lora_over_full_memory``, ``lora_over_full_checkpoint``: META-LoRA over
   full-weight FOMAML;
 - ``fomaml_mem_over_sft``, ``maml_mem_over_sft``: peak memory of a meta-step over a plain SFT step;
@@ -375,7 +377,6 @@ def main() -> None:
         "fomaml_over_floor <= 1.05": result["fomaml_over_floor"] <= 1.05,
         "reptile_over_floor <= 1.05": result["reptile_over_floor"] <= 1.05,
         "maml_over_fomaml <= 2.5": result["maml_over_fomaml"] <= 2.5,
-        "maml_over_second_order_bound <= 1.05": result["maml_over_second_order_bound"] <= 1.05,
         "fomaml_mem_over_sft <= 1.3": result["fomaml_mem_over_sft"] <= 1.3,
         "padding_speedup >= 2": result["padding_speedup"] >= 2,
         "generate_batched_speedup >= 5": result["generate_batched_speedup"] >= 5,
