@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch
 
 from metasft.algorithms import Episode, InnerLoop, build_algorithm
-from metasft.config import MetaConfig, ModelConfig
+from metasft.config import Config, MetaConfig, ModelConfig
 from metasft.data.collate import collate
 from metasft.data.formatting import Example
 from metasft.data.tokenize import encode_examples
@@ -49,7 +49,7 @@ from metasft.evaluate import _prompt_ids, generate
 from metasft.losses import lm_loss
 from metasft.model import apply_lora, count_parameters, trainable_named_parameters
 from metasft.tiny import build_tiny_model, build_tokenizer
-from metasft.train import run_meta_step
+from metasft.train import build_optimizer, run_meta_step
 
 MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512)
 
@@ -94,13 +94,20 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def _outer_config() -> Config:
+    """The trainer's default outer optimizer (AdamW) at a small learning rate."""
+    cfg = Config()
+    cfg.meta.outer_lr = 1e-4
+    return cfg
+
+
 class MetaStepper:
     """One algorithm's meta-step, exactly as the trainer runs it (``run_meta_step``)."""
 
     def __init__(self, model, algorithm: str, num_inner_steps: int, inner_lr: float = 0.05):
         self.algorithm = build_algorithm(MetaConfig(algorithm=algorithm))
         self.engine = InnerLoop(model, trainable_named_parameters(model), inner_lr, num_inner_steps)
-        self.optimizer = torch.optim.AdamW(self.engine.params, lr=1e-4, foreach=True)
+        self.optimizer = build_optimizer(_outer_config(), self.engine.params)
 
     def __call__(self, episodes):
         run_meta_step(self.engine, self.algorithm, episodes, len(episodes), self.optimizer, clip_grad=1.0)
@@ -168,7 +175,7 @@ def step_ratios(repeats: int) -> dict:
         "reptile_over_floor": (lambda: reptile(episodes), floor_reptile),
     }, repeats)
     maml_ratio, maml_seconds = paired_ratios(
-        {"maml_over_fomaml": (lambda: maml(episodes), lambda: fomaml(episodes))}, max(5, repeats // 2))
+        {"maml_over_fomaml": (lambda: maml(episodes), lambda: fomaml(episodes))}, max(5, repeats // 4))
     ratios.update(maml_ratio)
     seconds.update(maml_seconds)
     out.update(ratios)
@@ -179,7 +186,7 @@ def step_ratios(repeats: int) -> dict:
     _, lora_model = build(lora=True)
     lora = MetaStepper(lora_model, "fomaml", K)
     ratio, timed = paired_ratios({"lora_over_full": (lambda: lora(episodes), lambda: fomaml(episodes))},
-                                 max(5, repeats // 2))
+                                 max(5, repeats // 4))
     out.update(ratio)
     out["seconds"].update({"fomaml_lora": timed["lora_over_full"]["a"], "fomaml_beside_lora": timed["lora_over_full"]["b"]})
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +207,7 @@ def maml_by_inner_steps(repeats: int, quick: bool) -> dict:
     tokenizer, model = build()
     result = {}
     for k in ([1, 2] if quick else [1, 2, 3, 5, 8]):
-        episodes = make_episodes(tokenizer, 4, k)
+        episodes = make_episodes(tokenizer, 2, k)  # 2 tasks: the ratio is per task, and time is short
         maml, fomaml = MetaStepper(model, "maml", k), MetaStepper(model, "fomaml", k)
         ratio, _ = paired_ratios({"r": (lambda: maml(episodes), lambda: fomaml(episodes))}, repeats)
         bound = second_order_matmul_bound(k)
@@ -238,7 +245,7 @@ def padding_speedup(repeats: int) -> dict:
     rows = encode_examples([Example(prompt=" ".join(["7"] * int(n)), response=" 1 2") for n in lengths], tokenizer,
                            max_length, chat_template="none")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    optimizer = build_optimizer(_outer_config(), params)
     tokens = sum(len(r) for r in rows)
 
     def epoch(pad_to):
@@ -283,7 +290,7 @@ def memory_probe(kind: str) -> dict:
     baseline = _proc_status_kib("VmRSS")
     if kind == "sft":
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        optimizer = build_optimizer(_outer_config(), params)
         for _ in range(2):
             for e in episodes:  # the same batches, one SFT step each
                 for batch in e.support_batches + [e.query_batch]:
@@ -356,7 +363,7 @@ def main() -> None:
         print(json.dumps(memory_probe(args.memory_probe)))
         return
     torch.manual_seed(0)
-    repeats = 11 if args.quick else 31
+    repeats = 21 if args.quick else 41
     started = time.perf_counter()
     result = {"machine": machine(), "model": MODEL, "quick": args.quick}
     few = 3 if args.quick else 7
