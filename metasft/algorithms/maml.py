@@ -4,7 +4,9 @@ Meta-Learning for Fast Adaptation of Deep Networks").
     φ_i(θ) = θ − α Σ_k ∇L_support,k(φ_i,k(θ))   (graph kept: create_graph=True)
     g      = mean_i ∇_θ L_query(φ_i(θ))           (backpropagates through every inner step)
 
-Needs attention with a double backward: the engine forces the math SDPA kernel for it. The inner
+Costs (9K+3)/(3K+3) times FOMAML's matmuls — one Hessian-vector product per inner step on top of
+FOMAML's passes; tests/unit/test_compute_cost.py counts them. The support passes need attention
+with a double backward: the engine forces the math SDPA kernel on them (only). The inner
 steps run through ``torch.func.functional_call`` so θ itself is never modified; activation
 checkpointing is refused (recomputation would not see the functional weights).
 """
