@@ -170,7 +170,7 @@ def step_ratios(repeats: int) -> dict:
     maml = MetaStepper(model, "maml", K)
     floor_fomaml = sft_floor(model, [e.support_batches + [e.query_batch] for e in episodes])
     floor_reptile = sft_floor(model, [e.support_batches for e in episodes])
-    # The floor ratios sit a few percent above 1, so they get the most rounds; the MAML ratio is
+    # The floor ratios sit near 1 against a 5% target, so they get the most rounds; the MAML ratio is
     # ~2.7 and its meta-step the slowest, so fewer rounds pin it down well enough.
     ratios, seconds = paired_ratios({
         "fomaml_over_floor": (lambda: fomaml(episodes), floor_fomaml),
