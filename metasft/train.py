@@ -416,6 +416,10 @@ def train(cfg: Config) -> Path | None:
             print(f"metasft: {cfg.meta.algorithm} on {len(trainer.train_tasks)} tasks "
                   f"({len(trainer.held_out_tasks)} held out); parameters {total:,} total, {trainable:,} meta-learned"
                   f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", flush=True)
-        return trainer.fit()
+        last = trainer.fit()
+        # Every rank finished its last collective before any tears its connections down: gloo
+        # aborted a rank once (std::terminate) when its peer's process group went away first.
+        distributed.barrier()
+        return last
     finally:
         distributed.shutdown()
