@@ -49,6 +49,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def has_dtensors(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor (FSDP2 shards parameters and gradients as such)."""
+    return any(hasattr(t, "to_local") for t in tensors)
+
+
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
     """Sum tensors across ranks in place, as one flat buffer (one collective, not one per tensor)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:

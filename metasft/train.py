@@ -43,7 +43,7 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.opti
     o = cfg.optim
     # The fused kernels (CPU and CUDA) update every parameter in one pass: AdamW's step is ~6×
     # faster than foreach on CPU. FSDP2's sharded DTensor parameters keep the foreach path.
-    kernel = {"foreach": True} if any(hasattr(p, "to_local") for p in params) else {"fused": True}
+    kernel = {"foreach": True} if distributed.has_dtensors(params) else {"fused": True}
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.meta.outer_lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                **kernel)
