@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from metasft import faults
 from metasft.errors import MetasftError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -78,32 +79,41 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, con
     final = run_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=run_dir))
     try:
+        faults.point("checkpoint.before_weights", step)
         if model_state is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+        faults.point("checkpoint.while_weights", step, tear=next(tmp.glob("*.safetensors")))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+        faults.point("checkpoint.after_weights", step)
         torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state, "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / OPTIMIZER_FILE)
+        faults.point("checkpoint.while_optimizer", step, tear=tmp / OPTIMIZER_FILE)
+        faults.point("checkpoint.after_optimizer", step)
         # The state file is written last: a directory without it is never treated as complete.
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
             json.dump({"step": step, **trainer_state}, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
+        faults.point("checkpoint.while_trainer_state", step, tear=tmp / STATE_FILE)
         _fsync_dir(tmp)
+        faults.point("checkpoint.before_rename", step)
         if final.exists():
             # Re-saving a step (after a resume): move the old one aside first so that some complete
             # copy exists at every moment.
             old = run_dir / f".step_{step}.old-{os.getpid()}"
             os.replace(final, old)
+            faults.point("checkpoint.while_replacing", step)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(run_dir)
+        faults.point("checkpoint.after_rename", step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -111,6 +121,25 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, con
         for _, path in step_dirs(run_dir)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def recover_run_dir(run_dir: str | os.PathLike) -> None:
+    """Tidy what a crash during :func:`save_checkpoint` can leave in ``run_dir``: a half-written
+    ``.step_N.tmp-*`` directory is deleted, and a complete old copy moved aside while re-saving
+    ``step_N`` (``.step_N.old-*``) is put back when ``step_N`` itself never arrived. Call it only
+    while no other process writes to ``run_dir`` (before training, on the main rank)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for child in sorted(run_dir.iterdir()):
+        match = re.match(r"^\.(step_\d+)\.(tmp|old)-", child.name)
+        if not match:
+            continue
+        final = run_dir / match.group(1)
+        if match.group(2) == "old" and not final.exists() and (child / STATE_FILE).is_file():
+            os.replace(child, final)
+        else:
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -19,8 +19,9 @@ import torch
 from metasft import distributed
 from metasft.adapt import adapt_and_score
 from metasft.algorithms import InnerLoop, build_algorithm
+from metasft import faults
 from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_model_weights,
-                                read_trainer_state, save_checkpoint)
+                                read_trainer_state, recover_run_dir, save_checkpoint)
 from metasft.config import Config
 from metasft.data.episodes import EpisodeSampler
 from metasft.data.tasks import load_tasks
@@ -167,6 +168,9 @@ class Trainer:
         mode = self.cfg.trainer.resume_mode
         if mode == "disable":
             return
+        if self.env.is_main:  # what a crash while saving left behind
+            recover_run_dir(self.run_dir)
+        distributed.barrier()
         checkpoint = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
         if checkpoint is None:
             return
@@ -279,6 +283,7 @@ class Trainer:
                         break
                     want_logs = (self.step + 1) % t.log_freq == 0 or self.step + 1 == total
                     metrics = self.meta_step(want_logs)
+                    faults.point("meta_step.end", self.step)
                     if self.nonfinite_streak >= t.max_nonfinite_steps:
                         raise MetasftError(
                             f"training stopped at meta-step {self.step}: non-finite loss or gradient for "

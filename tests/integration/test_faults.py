@@ -1,13 +1,13 @@
-"""Crash safety and numerical faults with real processes: SIGKILL at random moments (including
-during checkpoint writes) and SIGTERM leave a loadable checkpoint, and resuming reaches the same
-final weights as an uninterrupted run; persistent non-finite losses stop the run cleanly."""
+"""Crash safety and numerical faults with real processes: SIGKILL at every named fault point
+(metasft.faults: before, while and after writing a checkpoint's weights, optimizer state and trainer
+state, around the rename) leaves a loadable checkpoint, and resuming reaches bit-identical final
+weights; SIGTERM stops after a meta-step with a checkpoint; persistent non-finite losses stop the
+run cleanly. Faults are chosen by place and meta-step, never by timing."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from metasft.checkpoint import latest_checkpoint
 from metasft.cli import main
+from metasft.faults import POINTS
 
 from conftest import write_tasks
 
@@ -31,9 +32,16 @@ def train_args(model_dir, tasks, run_dir, extra=()):
             f"trainer.default_local_dir={run_dir}", *tasks, *extra]
 
 
-def spawn(args):
-    return subprocess.Popen([sys.executable, "-m", "metasft", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run_with_fault(args, fault=None, signal_name="SIGKILL", timeout=300):
+    """Run `metasft train` in a child process that dies at ``fault`` ("POINT@STEP"); returns
+    (exit code, stderr), read only after the child has exited."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METASFT_FAULT_SIGNAL": signal_name}
+    env.pop("METASFT_FAULT", None)
+    if fault:
+        env["METASFT_FAULT"] = fault
+    proc = subprocess.run([sys.executable, "-m", "metasft", "train", *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
+    return proc.returncode, proc.stderr
 
 
 def final_weights(run_dir):
@@ -48,29 +56,38 @@ def reference(tmp_path_factory, tiny_llama_dir):
     return tasks, final_weights(root / "straight")
 
 
-def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp_path, tiny_llama_dir, reference):
+def step_of(checkpoint):
+    return None if checkpoint is None else int(checkpoint.name.split("_")[1])
+
+
+# (fault, checkpoint expected on disk afterwards) in the order one run dir lives through them:
+# every restart resumes from what the previous kill left. A kill before the rename keeps the
+# previous step; after it, the new one.
+KILL_CHAIN = [("meta_step.end@1", None), ("checkpoint.before_weights@2", 1), ("checkpoint.while_weights@3", 2),
+              ("checkpoint.after_weights@4", 3), ("checkpoint.while_optimizer@5", 4),
+              ("checkpoint.after_optimizer@6", 5), ("checkpoint.while_trainer_state@7", 6),
+              ("checkpoint.before_rename@8", 7), ("checkpoint.after_rename@8", 8)]
+
+
+def test_sigkill_at_every_fault_point_then_resume_is_bit_identical(tmp_path, tiny_llama_dir, reference):
     tasks, expected = reference
     run_dir = tmp_path / "run"
-    rng = random.Random(1234)
-    kills = 0
-    for attempt in range(6):
-        proc = spawn(train_args(tiny_llama_dir, tasks, run_dir))
-        # Let it get past start-up (imports, model load) into training and checkpointing, then kill.
-        deadline = time.monotonic() + 60
-        while not list(run_dir.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        checkpoint = latest_checkpoint(run_dir)
-        assert checkpoint is not None
-        AutoModelForCausalLM.from_pretrained(checkpoint)  # the survivor is complete and loadable
-    assert kills >= 1
-    proc = spawn(train_args(tiny_llama_dir, tasks, run_dir))
-    assert proc.wait(timeout=240) == 0, proc.stderr.read()
+    args = train_args(tiny_llama_dir, tasks, run_dir)
+    for fault, survivor in KILL_CHAIN:
+        code, err = run_with_fault(args, fault)
+        assert code == -signal.SIGKILL, (fault, err[-2000:])
+        assert step_of(latest_checkpoint(run_dir)) == survivor, fault
+        if survivor is not None:
+            AutoModelForCausalLM.from_pretrained(latest_checkpoint(run_dir))  # complete and loadable
+    # Re-saving a step that exists (resume from an older checkpoint): die with the old copy moved
+    # aside and the new one not yet in place. The next start puts the old copy back.
+    code, err = run_with_fault(args + [f"trainer.resume_mode={run_dir / 'step_7'}"], "checkpoint.while_replacing@8")
+    assert code == -signal.SIGKILL, err[-2000:]
+    assert not (run_dir / "step_8").exists() and list(run_dir.glob(".step_8.old-*"))
+    covered = {f.split("@")[0] for f, _ in KILL_CHAIN} | {"checkpoint.while_replacing"}
+    assert covered == set(POINTS)
+    code, err = run_with_fault(args)
+    assert code == 0, err[-3000:]
     got = final_weights(run_dir)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".step_")], "temporary checkpoint left behind"
@@ -80,25 +97,17 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, tiny_llama_dir, referenc
     tasks, _ = reference
     long_run = ["trainer.total_training_steps=100000", "trainer.save_freq=-1"]
     run_dir = tmp_path / "run"
-    proc = spawn(train_args(tiny_llama_dir, tasks, run_dir, long_run))
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=60)
-    err = proc.stderr.read()
+    # SIGTERM arrives (sent by the process to itself) right after meta-step 3's update.
+    code, err = run_with_fault(train_args(tiny_llama_dir, tasks, run_dir, long_run), "meta_step.end@3", "SIGTERM")
     assert code == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM" in err and "Traceback" not in err
-    stopped_at = int(latest_checkpoint(run_dir).name.split("_")[1])
-    assert stopped_at >= 3
+    assert "stopped by SIGTERM after meta-step 3" in err and "Traceback" not in err
+    assert step_of(latest_checkpoint(run_dir)) == 3
     # Resume two more steps; compare with a run that did all of them without stopping.
-    finish = [f"trainer.total_training_steps={stopped_at + 2}"]
+    finish = ["trainer.total_training_steps=5"]
     assert main(["train", *train_args(tiny_llama_dir, tasks, run_dir, finish)]) == 0
     assert main(["train", *train_args(tiny_llama_dir, tasks, tmp_path / "straight", finish)]) == 0
-    a = load_file(run_dir / f"step_{stopped_at + 2}" / "model.safetensors")
-    b = load_file(tmp_path / "straight" / f"step_{stopped_at + 2}" / "model.safetensors")
+    a = load_file(run_dir / "step_5" / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "step_5" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

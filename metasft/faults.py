@@ -1,0 +1,59 @@
+"""Named fault points, so that crash tests choose *where* a process dies instead of *when*.
+
+    METASFT_FAULT=checkpoint.after_weights@3 metasft train ...   # SIGKILL while saving step_3
+    METASFT_FAULT=meta_step.end@2 METASFT_FAULT_RANK=1 METASFT_FAULT_SIGNAL=SIGTERM torchrun ...
+
+The code calls :func:`point` at each place where a crash must leave a consistent state (see
+:data:`POINTS`). When ``METASFT_FAULT`` names that point and meta-step, the process sends itself the
+signal (SIGKILL unless ``METASFT_FAULT_SIGNAL`` says otherwise) right there; ``METASFT_FAULT_RANK``
+restricts the fault to one torchrun rank. ``while_*`` points first tear the file being written
+(truncate it to half its length), as a crash in the middle of the write would leave it. Unset, a
+point costs one dictionary lookup. Used by the tests and benchmarks only; users never need it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+POINTS = (
+    "meta_step.end",                 # after meta-step N's update, before logging/evaluation/saving
+    "checkpoint.before_weights",     # temporary directory made, nothing written yet
+    "checkpoint.while_weights",      # model safetensors half written
+    "checkpoint.after_weights",      # model (and tokenizer, config) written
+    "checkpoint.while_optimizer",    # optimizer.pt half written
+    "checkpoint.after_optimizer",    # optimizer.pt written, trainer state not yet
+    "checkpoint.while_trainer_state",  # trainer_state.json half written
+    "checkpoint.before_rename",      # everything written and synced, still under the temporary name
+    "checkpoint.while_replacing",    # re-saving a step: the old copy moved aside, the new one not yet in place
+    "checkpoint.after_rename",       # in place, older checkpoints not yet pruned
+)
+
+
+def _parse() -> tuple[str, int] | None:
+    spec = os.environ.get("METASFT_FAULT")
+    if not spec:
+        return None
+    name, _, step = spec.partition("@")
+    if name not in POINTS or not step.isdigit():
+        raise ValueError(f"METASFT_FAULT={spec!r}: expected POINT@STEP with POINT one of {', '.join(POINTS)}")
+    return name, int(step)
+
+
+def point(name: str, step: int, tear: str | os.PathLike | None = None) -> None:
+    """Die here if ``METASFT_FAULT`` asks for ``name`` at meta-step ``step`` (on this rank)."""
+    fault = _parse()
+    if fault is None or fault != (name, step):
+        return
+    rank = os.environ.get("METASFT_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
+    if tear is not None:
+        path = Path(tear)
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size // 2)
+            handle.flush()
+            os.fsync(handle.fileno())
+    signum = signal.Signals[os.environ.get("METASFT_FAULT_SIGNAL", "SIGKILL")]
+    os.kill(os.getpid(), signum)
