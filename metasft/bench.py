@@ -76,7 +76,7 @@ class BenchConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train_overrides: list[str] = _f([], "Overrides applied to every trained method (e.g. trainer.total_training_steps=200).")
     train_parallel: int = _f(1, "Methods trained at the same time, each in its own process (2 suits a 2-core CPU with tiny models).")
-    train_threads: Optional[int] = _f(None, "Threads per training process (OMP_NUM_THREADS; null = torch's default).")
+    train_threads: Optional[int] = _f(None, "Threads per training process (OMP_NUM_THREADS; null = the available cores divided by train_parallel).")
     metric: Literal["exact_match", "rouge_l", "token_accuracy", "query_loss"] = _f("exact_match", "Metric of the plot and the sweep ranking.")
     output_dir: str = _f("bench", "Where results, runs and plots go.")
     device: str = _f("auto", "Device for adaptation and evaluation.")
@@ -189,9 +189,11 @@ def train_methods(methods: list[ResolvedMethod], out: Path, parallel: int, threa
     time; returns name -> (checkpoint, wall seconds, peak RSS MiB)."""
     from metasft.checkpoint import latest_checkpoint
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+    from metasft.threads import threads_per_process
+
+    # ``parallel`` trainings share this process's cores: each gets its share, not all of them.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": str(threads if threads is not None else threads_per_process(parallel))}
     pending = list(methods)
     running: dict[int, tuple[ResolvedMethod, subprocess.Popen, float, Path, Any]] = {}
     results: dict[str, tuple[Path, float, float]] = {}

@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run models: each sizes torch's thread pool to the cores it may use (metasft.threads).
+TORCH_COMMANDS = {"train", "adapt", "eval", "bench", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers' own progress bars (loading/writing shards) would interleave with ours; child
     # processes (torchrun ranks, bench trainings) inherit the setting.
@@ -231,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in TORCH_COMMANDS:
+            from metasft.threads import configure_torch_threads
+
+            # torchrun's ranks on one machine share its cores (torchrun itself also sets
+            # OMP_NUM_THREADS=1 per rank unless told otherwise, which wins here).
+            configure_torch_threads(sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         return int(args.func(args) or 0)
     except MetasftError as exc:
         if args.debug:
