@@ -1,0 +1,248 @@
+"""`metasft adapt` and `metasft eval` against values computed here (SPEC §7).
+
+adapt: K plain-SGD steps at lr on the chosen shots equal ``references.ref_adapt`` on batches built
+by hand (``ref_data.ref_batch``); with ``--n-shots`` = the whole file and a batch size at least that
+large every step uses the whole set, so the draw cannot matter, and with fewer shots exactly one
+subset of the rows reproduces the update. eval: the query loss is ``ref_loss``, token accuracy an
+argmax count over response targets, exact match and ROUGE-L come from a plain greedy loop over
+model forwards and an LCS written here. Then LoRA end to end: train → adapt → eval.
+"""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from metasft.cli import main
+
+from conftest import cipher_rows
+from ref_data import num_targets, prompt_ids, ref_batch, rel_err, write_rows, write_uneven_tasks
+from references import ref_adapt, ref_loss
+
+
+def load64(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).double()
+    model.train()
+    return model
+
+
+def deltas(before: dict, after: dict) -> dict:
+    return {n: after[n].double() - before[n].double() for n in before}
+
+
+def params_of(model) -> dict:
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- adapt
+
+def test_adapt_base_model_equals_sgd_on_the_whole_shot_set(tmp_path, tiny_llama_dir, tokenizer):
+    rows = cipher_rows(7, 5, length=3) + cipher_rows(8, 2, length=6)  # rows of different lengths
+    data = write_rows(tmp_path / "new_task.parquet", rows)
+    steps, lr = 3, 0.3
+    assert main(["adapt", "--checkpoint", str(tiny_llama_dir), "--data", str(data), "--n-shots", str(len(rows)),
+                 "--steps", str(steps), "--lr", str(lr), "--batch-size", "16", "--device", "cpu",
+                 "--output", str(tmp_path / "adapted")]) == 0
+    info = json.loads((tmp_path / "adapted" / "adapt_info.json").read_text())
+    assert (info["n_shots"], info["steps"], info["lr"], info["batch_size"], info["optimizer"]) == (
+        len(rows), steps, lr, len(rows), "sgd")
+
+    base = load64(tiny_llama_dir)
+    # A base model's data settings are the defaults: the tokenizer's chat template is used.
+    expected = ref_adapt(base, [ref_batch(rows, tokenizer, chat=True)] * steps, lr)
+    adapted = load_file(tmp_path / "adapted" / "model.safetensors")
+    ref_delta = deltas(params_of(base), params_of(expected))
+    assert rel_err(deltas(params_of(base), adapted), ref_delta) <= 2e-5
+    # The same steps on the raw prompts (no template) are a different update: the template mattered.
+    raw = ref_adapt(base, [ref_batch(rows, tokenizer, chat=False)] * steps, lr)
+    assert rel_err(deltas(params_of(base), params_of(raw)), ref_delta) > 0.05
+
+
+def test_adapt_defaults_come_from_the_meta_training_config(tmp_path, tiny_llama_dir, tokenizer):
+    """No --lr/--steps/--batch-size: SGD at the checkpoint's inner_lr for its num_inner_steps on
+    batches of its inner_batch_size, tokenised with its data settings (here: no chat template)."""
+    overrides, _ = write_uneven_tasks(tmp_path / "tasks", [(3, 2, 4), (3, 2, 4)])
+    inner_lr, k = 0.25, 3
+    assert main(["train", f"model.partial_pretrain={tiny_llama_dir}", "meta.algorithm=fomaml",
+                 f"trainer.default_local_dir={tmp_path / 'run'}", "trainer.total_training_steps=1", "optim.name=sgd",
+                 "meta.outer_lr=0.1", "meta.meta_batch_size=2", "meta.inner_batch_size=32", f"meta.inner_lr={inner_lr}",
+                 f"meta.num_inner_steps={k}", "data.chat_template=none", "trainer.logger=[jsonl]",
+                 "trainer.device=cpu", *overrides]) == 0
+    checkpoint = tmp_path / "run" / "step_1"
+    rows = cipher_rows(11, 6, length=5)
+    data = write_rows(tmp_path / "new_task.parquet", rows)
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--data", str(data), "--n-shots", str(len(rows)),
+                 "--device", "cpu", "--output", str(tmp_path / "adapted")]) == 0
+    info = json.loads((tmp_path / "adapted" / "adapt_info.json").read_text())
+    assert (info["steps"], info["lr"], info["batch_size"]) == (k, inner_lr, len(rows))
+
+    theta = load64(checkpoint)
+    expected = ref_adapt(theta, [ref_batch(rows, tokenizer, chat=False)] * k, inner_lr)
+    adapted = load_file(tmp_path / "adapted" / "model.safetensors")
+    assert rel_err(deltas(params_of(theta), adapted), deltas(params_of(theta), params_of(expected))) <= 2e-5
+
+
+@pytest.mark.slow
+def test_adapt_on_fewer_shots_uses_exactly_n_of_the_rows(tmp_path, tiny_llama_dir, tokenizer):
+    """With n_shots < rows, exactly one n-subset of the file reproduces the update (whole-set
+    batches), and it is the same subset for the same seed."""
+    rows = cipher_rows(21, 5, length=4)
+    data = write_rows(tmp_path / "new_task.parquet", rows)
+    n, steps, lr = 3, 2, 0.3
+    for out in ("a", "b"):
+        assert main(["adapt", "--checkpoint", str(tiny_llama_dir), "--data", str(data), "--n-shots", str(n),
+                     "--steps", str(steps), "--lr", str(lr), "--batch-size", "8", "--seed", "5", "--device", "cpu",
+                     "--output", str(tmp_path / out)]) == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    base = load64(tiny_llama_dir)
+    theta = params_of(base)
+    got = deltas(theta, a)
+    errors = {}
+    for subset in itertools.combinations(range(len(rows)), n):
+        expected = ref_adapt(base, [ref_batch([rows[i] for i in subset], tokenizer, chat=True)] * steps, lr)
+        errors[subset] = rel_err(got, deltas(theta, params_of(expected)))
+    matches = [s for s, e in errors.items() if e <= 2e-5]
+    assert len(matches) == 1, sorted(errors.values())[:3]
+    assert sorted(errors.values())[1] > 0.05  # the runner-up subset is far off
+
+
+# ----------------------------------------------------------------------------- eval
+
+def greedy(model, ids: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """Greedy decoding with one full forward per token: no cache, no padding, no batching."""
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+    return out
+
+
+def lcs(a: list[str], b: list[str]) -> int:
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    p, r = prediction.split(), reference.split()
+    common = lcs(p, r)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_eval_metrics_equal_values_computed_by_hand(tmp_path, tiny_llama_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
+    max_new = 8
+    # Prompts of different lengths, so batched generation has to left-pad correctly.
+    prompts = ["map: 2 0 4 3 1", "map: 2 0 4 3 1", "What is 3 + 4?", "map: 1 5", "Hello, how are you today?"]
+    generated = [tokenizer.decode(greedy(model, prompt_ids({"prompt": p}, tokenizer, chat=True), max_new,
+                                         tokenizer.eos_token_id), skip_special_tokens=True) for p in prompts]
+    words = [g.split() for g in generated]
+    assert words[0] and len(words[2]) >= 2, generated  # the tiny model says something to compare against
+    # References: the greedy output itself (its tokens then score under teacher forcing), the same
+    # with other surrounding whitespace (still an exact match), a partial overlap, unrelated text.
+    rows = [{"prompt": prompts[0], "response": generated[0]},
+            {"prompt": prompts[1], "response": "\n " + generated[1].strip() + "  "},
+            {"prompt": prompts[2], "response": f"{words[2][0]} qq {words[2][-1]}"},
+            {"prompt": prompts[3], "response": "zz yy"},
+            {"prompt": prompts[4], "response": " 3 2 4"}]
+    data = write_rows(tmp_path / "query.parquet", rows)
+    assert main(["eval", "--checkpoint", str(tiny_llama_dir), "--data", str(data), "--batch-size", "3",
+                 "--max-new-tokens", str(max_new), "--predictions", "--device", "cpu",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+
+    batch = ref_batch(rows, tokenizer, chat=True)
+    with torch.no_grad():
+        want_loss = float(ref_loss(model.double(), batch))
+    model.float()
+    correct = total = 0
+    for row in rows:  # token accuracy one unpadded row at a time
+        one = ref_batch([row], tokenizer, chat=True)
+        with torch.no_grad():
+            predicted = model(input_ids=one["input_ids"]).logits[0, :-1].argmax(-1)
+        labels = one["labels"][0, 1:]
+        mask = labels != -100
+        correct += int((predicted[mask] == labels[mask]).sum())
+        total += int(mask.sum())
+    want_em = [float(g.strip() == r["response"].strip()) for g, r in zip(generated, rows)]
+    want_rouge = [rouge_l_f1(g, r["response"]) for g, r in zip(generated, rows)]
+
+    assert result["rows"] == len(rows) and result["target_tokens"] == total == num_targets(batch)
+    assert result["query_loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert result["token_accuracy"] == pytest.approx(correct / total, abs=1e-12)
+    assert result["predictions"] == generated
+    assert result["exact_match"] == pytest.approx(sum(want_em) / len(rows), abs=1e-12)
+    assert result["rouge_l"] == pytest.approx(sum(want_rouge) / len(rows), abs=1e-12)
+    # The case is not degenerate: every metric is strictly between its extremes.
+    assert want_em[:2] == [1.0, 1.0] and 0 < result["exact_match"] < 1
+    assert 0 < want_rouge[2] < 1 and 0 < result["rouge_l"] < 1
+    assert 0 < correct < total  # teacher-forcing the greedy output scores its tokens
+
+
+# ----------------------------------------------------------------------------- LoRA end to end
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft reading transformers
+def test_lora_train_adapt_eval_end_to_end(tmp_path, tiny_llama_dir, tokenizer):
+    overrides, _ = write_uneven_tasks(tmp_path / "tasks", [(4, 3, 4), (4, 3, 5)])
+    assert main(["train", f"model.partial_pretrain={tiny_llama_dir}", "meta.algorithm=fomaml", "model.lora_rank=4",
+                 "model.lora_alpha=8", f"trainer.default_local_dir={tmp_path / 'run'}",
+                 "trainer.total_training_steps=2", "optim.name=adamw", "meta.outer_lr=0.01", "meta.meta_batch_size=2",
+                 "meta.inner_batch_size=8", "meta.inner_lr=0.5", "meta.num_inner_steps=2", "data.chat_template=none",
+                 "trainer.logger=[jsonl]", "trainer.device=cpu", *overrides]) == 0
+    checkpoint = tmp_path / "run" / "step_2"
+    shots = write_rows(tmp_path / "new" / "support.parquet", cipher_rows(31, 4, length=4))
+    query = write_rows(tmp_path / "new" / "query.parquet", cipher_rows(31, 9, length=4)[4:])
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--data", str(shots), "--n-shots", "4", "--device", "cpu",
+                 "--output", str(tmp_path / "adapted")]) == 0
+    adapted_dir = tmp_path / "adapted"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "adapt_info.json", "tokenizer_config.json"):
+        assert (adapted_dir / name).is_file(), name
+    assert not (adapted_dir / "model.safetensors").exists()
+
+    trained = load_file(checkpoint / "adapter_model.safetensors")
+    adapted = load_file(adapted_dir / "adapter_model.safetensors")
+    assert trained.keys() == adapted.keys() and len(trained) > 0
+    assert any(not torch.equal(trained[k], adapted[k]) for k in trained)  # adapt moved the adapter
+    # ... by exactly the checkpoint's inner loop (SGD at inner_lr, num_inner_steps, whole shot set).
+    theta = AutoPeftModelForCausalLM.from_pretrained(str(checkpoint), is_trainable=True).double()
+    theta.train()
+    expected = get_peft_model_state_dict(ref_adapt(theta, [ref_batch(cipher_rows(31, 4, length=4), tokenizer)] * 2,
+                                                   0.5))
+    assert expected.keys() == adapted.keys()
+    assert rel_err(deltas(trained, adapted), deltas(trained, expected)) <= 2e-5
+
+    # Base weights are bit-identical to the model meta-training started from.
+    base_state = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(str(adapted_dir))
+    checked = 0
+    for name, param in reloaded.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(param, base_state[key]), name
+            checked += 1
+    assert checked == len(base_state)
+
+    assert main(["eval", "--checkpoint", str(adapted_dir), "--data", str(query), "--device", "cpu",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["rows"] == 5 and result["target_tokens"] > 0
+    for key in ("query_loss", "token_accuracy", "exact_match", "rouge_l"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert result["query_loss"] > 0
+    assert all(0 <= result[key] <= 1 for key in ("token_accuracy", "exact_match", "rouge_l"))
