@@ -43,12 +43,20 @@ def _burn(stop) -> None:
         x = (x * 1103515245 + 12345) % 2147483648
 
 
+def _allow_core_dumps() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="runs per case")
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: the first two")
     parser.add_argument("--load", action="store_true", help="keep every core busy with another process")
     parser.add_argument("--timeout", type=float, default=300, help="seconds before a run counts as hung")
+    parser.add_argument("--keep-cores", metavar="DIR",
+                        help="let ranks dump core into DIR/<case>-<run> (read them with gdb: `thread apply all bt`)")
     args = parser.parse_args()
     cases = args.case or list(CASES)[:2]
 
@@ -77,8 +85,13 @@ def main() -> None:
                            "--max_restarts=0", "-m", "metasft", "train", f"model.partial_pretrain={model}",
                            *COMMON, *tasks, *CASES[case], f"trainer.default_local_dir={run_dir}"]
                     started = time.monotonic()
+                    cwd = None
+                    if args.keep_cores:
+                        cwd = Path(args.keep_cores) / f"{case}-{i}"
+                        cwd.mkdir(parents=True, exist_ok=True)
                     try:
-                        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env,
+                                              cwd=cwd, preexec_fn=_allow_core_dumps if cwd else None)
                     except subprocess.TimeoutExpired:
                         counts["hung"] += 1
                         continue
@@ -94,6 +107,8 @@ def main() -> None:
                         counts["other_failure"] += 1
                         failures.append(proc.stderr[-1500:])
                     print(f"{case} {i + 1}/{args.runs}: exit {proc.returncode}", file=sys.stderr, flush=True)
+                    if proc.returncode != 0:
+                        print(proc.stderr[-4000:], file=sys.stderr, flush=True)
                 counts["seconds"] = round(counts["seconds"], 1)
                 results[case] = {**counts, "first_failures": failures[:2]}
     finally:
