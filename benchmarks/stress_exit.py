@@ -107,8 +107,9 @@ def main() -> None:
                         counts["other_failure"] += 1
                         failures.append(proc.stderr[-1500:])
                     print(f"{case} {i + 1}/{args.runs}: exit {proc.returncode}", file=sys.stderr, flush=True)
-                    if proc.returncode != 0:
-                        print(proc.stderr[-4000:], file=sys.stderr, flush=True)
+                    if proc.returncode != 0 and cwd is not None:  # the whole story, faulthandler's stacks included
+                        (cwd / "stderr.txt").write_text(proc.stderr)
+                        (cwd / "stdout.txt").write_text(proc.stdout)
                 counts["seconds"] = round(counts["seconds"], 1)
                 results[case] = {**counts, "first_failures": failures[:2]}
     finally:

@@ -9,6 +9,7 @@ GPU, and gives rank-0-only printing. Collectives are no-ops at world size 1.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ def init(device_type: str) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     env = DistEnv(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1 and not dist.is_initialized():
+        _import_modules_that_capture_the_world_group()
         backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get("METASFT_DIST_TIMEOUT", "600")))
         if device_type == "cuda":
@@ -44,9 +46,53 @@ def init(device_type: str) -> DistEnv:
     return env
 
 
+def _import_modules_that_capture_the_world_group() -> None:
+    """Import, while no process group exists, the torch modules whose functions take
+    ``group=dist.group.WORLD`` as a default argument.
+
+    Such a default is evaluated once, at import. ``torch.distributed.nn.functional`` has ten of
+    them, and it is imported lazily — by ``transformers.modeling_utils`` and peft through
+    ``torch.distributed.fsdp`` → ``torch.distributed._shard`` — i.e. only when the model is loaded,
+    after ``init_process_group``. Its defaults then hold the live default group, so
+    ``destroy_process_group()`` cannot free it: gloo's worker and TCP-loop threads outlive it and
+    the group is destroyed during interpreter finalisation instead, where a gloo thread that still
+    touches a tensor needs the GIL of a dying interpreter and the rank aborts with ``terminate
+    called without an active exception`` (SIGABRT) after a successful run — 1 run in 50 on a busy
+    2-core machine (benchmarks/stress_exit.py, docs/distributed.md). Imported first, those defaults
+    are ``None`` and the group dies in ``shutdown()`` with all its threads joined."""
+    import torch.distributed.fsdp  # noqa: F401  (imports torch.distributed._shard, and with it nn.functional)
+    import torch.distributed.nn.functional  # noqa: F401
+
+
+def _release_groups_held_by_device_meshes() -> None:
+    """Drop the process groups that surviving DeviceMeshes still hold.
+
+    After FSDP2/DTensor work, torch's sharding-propagation caches keep ``OutputSharding`` →
+    ``DTensorSpec`` → ``DeviceMesh`` objects alive for the life of the process, and a DeviceMesh
+    holds its process groups (``_pg_registry``): the destroyed group, with gloo's threads, would
+    live on into interpreter finalisation — the abort described above. A destroyed group is
+    useless to a mesh, so emptying that registry loses nothing."""
+    import sys
+
+    if "torch.distributed.device_mesh" not in sys.modules:
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        if isinstance(registry, dict):
+            registry.clear()
+
+
 def shutdown() -> None:
+    """Destroy the process group so that every backend thread is joined now, while the
+    interpreter is fully alive (see :func:`_import_modules_that_capture_the_world_group`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _release_groups_held_by_device_meshes()
+        # FSDP's per-module state (which holds the group too) sits in reference cycles with the
+        # model: collect them now rather than at some later, possibly final, collection.
+        gc.collect()
 
 
 def has_dtensors(tensors) -> bool:

@@ -403,28 +403,33 @@ def train(cfg: Config) -> Path | None:
     device_type = "cuda" if cfg.trainer.device.startswith("cuda") or (
         cfg.trainer.device == "auto" and torch.cuda.is_available()) else "cpu"
     env = distributed.init(device_type)
+    try:
+        return _train(cfg, env)
+    finally:
+        # The trainer, its model and (under FSDP) the DeviceMeshes its DTensors hold are released
+        # by now, so destroying the group joins gloo's threads here instead of at interpreter exit.
+        distributed.shutdown()
+
+
+def _train(cfg: Config, env: distributed.DistEnv) -> Path | None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display is the one to read
-    try:
-        if cfg.model.partial_pretrain is None:
-            raise ConfigError("model.partial_pretrain: not set; give a local model directory or a hub id")
-        if env.is_main:
-            from rich.console import Console
+    if cfg.model.partial_pretrain is None:
+        raise ConfigError("model.partial_pretrain: not set; give a local model directory or a hub id")
+    if env.is_main:
+        from rich.console import Console
 
-            console = Console()  # stdout: the resolved config is output, errors go to stderr
-            console.print("[bold]metasft train[/bold] resolved config:")
-            console.print(cfg.to_yaml(), markup=False, highlight=False)
-        trainer = Trainer(cfg, env)
-        if env.is_main:
-            total, trainable = count_parameters(trainer.model)
-            print(f"metasft: {cfg.meta.algorithm} on {len(trainer.train_tasks)} tasks "
-                  f"({len(trainer.held_out_tasks)} held out); parameters {total:,} total, {trainable:,} meta-learned"
-                  f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", flush=True)
-        last = trainer.fit()
-        # Every rank finished its last collective before any tears its connections down: gloo
-        # aborted a rank once (std::terminate) when its peer's process group went away first.
-        distributed.barrier()
-        return last
-    finally:
-        distributed.shutdown()
+        console = Console()  # stdout: the resolved config is output, errors go to stderr
+        console.print("[bold]metasft train[/bold] resolved config:")
+        console.print(cfg.to_yaml(), markup=False, highlight=False)
+    trainer = Trainer(cfg, env)
+    if env.is_main:
+        total, trainable = count_parameters(trainer.model)
+        print(f"metasft: {cfg.meta.algorithm} on {len(trainer.train_tasks)} tasks "
+              f"({len(trainer.held_out_tasks)} held out); parameters {total:,} total, {trainable:,} meta-learned"
+              f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", flush=True)
+    last = trainer.fit()
+    # Every rank has finished its last collective before any rank tears its connections down.
+    distributed.barrier()
+    return last

@@ -1,4 +1,5 @@
-"""How `torchrun` launches end: two agents on this machine joined as two nodes by c10d rendezvous
+"""How `torchrun` launches end: every rank of a finished run has destroyed its process group and
+joined gloo's threads before the interpreter exits (task-parallel and FSDP2); two agents on this machine joined as two nodes by c10d rendezvous
 give the single-process update and both exit 0; a rank that dies at a chosen meta-step (a fault
 point, not a timed kill) ends the whole launch promptly with a non-zero exit that names it."""
 
@@ -6,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -34,6 +36,20 @@ def relative_update_error(initial, a, b):
     den = sum(((a[k].double() - initial[k].double()) ** 2).sum() for k in a) ** 0.5
     assert float(den) > 0
     return float(num / den)
+
+
+@pytest.mark.parametrize("extra", [["meta.algorithm=reptile", "model.lora_rank=4", "model.lora_alpha=8"],
+                                   ["meta.algorithm=reptile", "model.use_fsdp=true"]], ids=["task-parallel", "fsdp"])
+def test_no_gloo_thread_outlives_a_finished_run(tmp_path, tiny_llama_dir, extra):
+    tasks = write_tasks(tmp_path / "tasks", 4, 5, 4)
+    probe = Path(__file__).with_name("exit_probe.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
+           str(probe), "train", f"model.partial_pretrain={tiny_llama_dir}", *EXACT[1:], *tasks, *extra,
+           "trainer.total_training_steps=2", f"trainer.default_local_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METASFT_DIST_TIMEOUT": "120"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "step_2").is_dir()
 
 
 def test_two_nodes_by_c10d_rendezvous_equal_one_process(tmp_path, tiny_llama_dir):
