@@ -1,15 +1,14 @@
 """Distributed training with real `torchrun` processes on CPU (gloo, 2 ranks).
 
-For each strategy (task-parallel, FSDP2) and algorithm, one SGD meta-step on 2 ranks must equal
-the single-process update on the same meta-batch (relative error <= 1e-4), with a meta-batch of 3
-tasks that 2 ranks cannot split evenly. Killing a rank must end the run instead of hanging it.
+For each strategy (task-parallel, FSDP2) and algorithm, SGD meta-steps on 2 ranks must give the
+single-process update on the same meta-batches (relative error of the update <= 1e-4), with a
+meta-batch of 3 tasks that 2 ranks cannot split evenly. An FSDP run resumes bit-exactly. (How
+launches end — clean exits, a dying rank, two nodes — is tests/distributed/test_launch.py.)
 """
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -111,8 +110,8 @@ def test_fsdp_checkpoint_loads_and_resumes(tmp_path, tiny_llama_dir):
     """An FSDP run resumed from its step-2 checkpoint ends bit-identical to the uninterrupted run
     (weights and AdamW state, ``torch.equal``): saving gathers exact fp32 copies of the shards,
     loading scatters them back unchanged, and at the same world size every collective and kernel
-    repeats the same operations in the same order. (Resuming on a different number of ranks is
-    not bit-exact: the reduce-scatter then sums in another order — see docs/distributed.md.)"""
+    repeats the same operations in the same order. (On a different number of ranks the gradient
+    sums would be formed in another order: not expected to be bit-exact; docs/distributed.md.)"""
     from transformers import AutoModelForCausalLM
 
     tasks = write_tasks(tmp_path / "tasks", 4, 6, 4)
@@ -141,33 +140,6 @@ def test_fsdp_checkpoint_loads_and_resumes(tmp_path, tiny_llama_dir):
                     for run in ("a", "b"))
     assert opt_a.keys() == opt_b.keys() and opt_a
     assert all(torch.equal(torch.as_tensor(opt_a[p][n]), torch.as_tensor(opt_b[p][n])) for p in opt_a for n in opt_a[p])
-
-
-def test_killing_one_rank_ends_the_run(tmp_path, tiny_llama_dir):
-    tasks = write_tasks(tmp_path / "tasks", 4, 6, 4)
-    args = [f"model.partial_pretrain={tiny_llama_dir}", "meta.algorithm=fomaml", "meta.meta_batch_size=2",
-            "meta.inner_batch_size=3", "meta.num_inner_steps=2", "trainer.total_training_steps=100000",
-            "data.chat_template=none", "trainer.logger=[jsonl]", "trainer.device=cpu",
-            f"trainer.default_local_dir={tmp_path / 'run'}", *tasks]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
-           "-m", "metasft", "train", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "METASFT_DIST_TIMEOUT": "60"})
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.5)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    try:
-        code = proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the surviving rank hung after its peer was killed")
-    assert code != 0
-    assert not any(p.name.startswith(".step") for p in (tmp_path / "run").iterdir())
 
 
 def test_fsdp_bf16_mixed_precision_trains_and_saves_fp32(tmp_path, tiny_llama_dir):
