@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/metasft demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) metasft-demo
