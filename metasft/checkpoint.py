@@ -84,7 +84,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, con
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
-        faults.point("checkpoint.while_weights", step, tear=next(tmp.glob("*.safetensors")))
+        faults.point("checkpoint.while_weights", step, tear=lambda: next(tmp.glob("*.safetensors")))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")

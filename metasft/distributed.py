@@ -55,11 +55,11 @@ def _import_modules_that_capture_the_world_group() -> None:
     ``torch.distributed.fsdp`` → ``torch.distributed._shard`` — i.e. only when the model is loaded,
     after ``init_process_group``. Its defaults then hold the live default group, so
     ``destroy_process_group()`` cannot free it: gloo's worker and TCP-loop threads outlive it and
-    the group is destroyed during interpreter finalisation instead, where a gloo thread that still
-    touches a tensor needs the GIL of a dying interpreter and the rank aborts with ``terminate
-    called without an active exception`` (SIGABRT) after a successful run — 1 run in 50 on a busy
-    2-core machine (benchmarks/stress_exit.py, docs/distributed.md). Imported first, those defaults
-    are ``None`` and the group dies in ``shutdown()`` with all its threads joined."""
+    the group is only destroyed during interpreter finalisation, with its threads still running —
+    the state in which a successful rank aborted with ``terminate called without an active
+    exception`` (SIGABRT), 1 run in 50 on a busy 2-core machine (benchmarks/stress_exit.py,
+    docs/distributed.md "Clean exit"). Imported first, those defaults are ``None`` and the group
+    dies in ``shutdown()`` with all its threads joined."""
     import torch.distributed.fsdp  # noqa: F401  (imports torch.distributed._shard, and with it nn.functional)
     import torch.distributed.nn.functional  # noqa: F401
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Callable
 
 POINTS = (
     "meta_step.end",                 # after meta-step N's update, before logging/evaluation/saving
@@ -41,8 +42,10 @@ def _parse() -> tuple[str, int] | None:
     return name, int(step)
 
 
-def point(name: str, step: int, tear: str | os.PathLike | None = None) -> None:
-    """Die here if ``METASFT_FAULT`` asks for ``name`` at meta-step ``step`` (on this rank)."""
+def point(name: str, step: int, tear: str | os.PathLike | Callable[[], Path] | None = None) -> None:
+    """Die here if ``METASFT_FAULT`` asks for ``name`` at meta-step ``step`` (on this rank).
+
+    ``tear``: the file being written (or a function finding it, called only when the fault fires)."""
     fault = _parse()
     if fault is None or fault != (name, step):
         return
@@ -50,7 +53,7 @@ def point(name: str, step: int, tear: str | os.PathLike | None = None) -> None:
     if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     if tear is not None:
-        path = Path(tear)
+        path = Path(tear() if callable(tear) else tear)
         with open(path, "r+b") as handle:
             handle.truncate(path.stat().st_size // 2)
             handle.flush()
