@@ -10,7 +10,6 @@ losses of steps 3 and 4 must be identical (``torch.equal``, ``==``), not merely 
 """
 
 import json
-import os
 import signal
 
 import pytest
@@ -18,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from metasft.cli import main
-from metasft.train import Trainer
 
 from conftest import write_tasks
 
@@ -34,24 +32,17 @@ IDS = [f"{a}-{'lora' if lora else 'full'}{'-inner_adam' if extra else ''}" for a
 
 
 def train(model_dir, run_dir, args, stop_after=None, monkeypatch=None):
-    """``metasft train`` in-process; with ``stop_after``, SIGTERM this process once the loop has
-    finished that meta-step (the handler the loop installs turns it into a clean stop)."""
+    """``metasft train`` in-process; with ``stop_after``, the ``meta_step.end`` fault point sends
+    this process SIGTERM once the loop has finished that meta-step (the handler the loop installs
+    turns it into a clean stop)."""
     if stop_after is not None:
-        original = Trainer.meta_step
-
-        def meta_step(self, want_logs):
-            metrics = original(self, want_logs)
-            if self.step == stop_after:
-                # Never deliver SIGTERM to pytest itself: only while the loop's handler is in place.
-                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-                os.kill(os.getpid(), signal.SIGTERM)
-            return metrics
-
-        monkeypatch.setattr(Trainer, "meta_step", meta_step)
-    code = main(["train", f"model.partial_pretrain={model_dir}", f"trainer.default_local_dir={run_dir}", *args])
-    if stop_after is not None:
-        monkeypatch.setattr(Trainer, "meta_step", original)
-    return code
+        monkeypatch.setenv("METASFT_FAULT", f"meta_step.end@{stop_after}")
+        monkeypatch.setenv("METASFT_FAULT_SIGNAL", "SIGTERM")
+    try:
+        return main(["train", f"model.partial_pretrain={model_dir}", f"trainer.default_local_dir={run_dir}", *args])
+    finally:
+        if stop_after is not None:
+            monkeypatch.delenv("METASFT_FAULT")
 
 
 def losses(run_dir):
