@@ -102,8 +102,18 @@ def _mean_losses(checkpoint: Path, tasks_by_split: dict, lrs) -> dict:
     return out
 
 
-def run(seed: int, fomaml_steps: int, root: Path) -> dict:
+def _train_logged(args: list[str]) -> int:
+    """`metasft train` with its console output in ``<run dir>.log``: stdout carries only the JSON."""
+    import contextlib
+
     from metasft.cli import main
+
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("trainer.default_local_dir="))
+    with open(f"{run_dir}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return main(args)
+
+
+def run(seed: int, fomaml_steps: int, root: Path) -> dict:
     from metasft.data.synthetic import generate_suite
     from metasft.data.tasks import read_manifest_specs
     from metasft.tiny import save_tiny_model
@@ -125,7 +135,7 @@ def run(seed: int, fomaml_steps: int, root: Path) -> dict:
     sft_steps = fomaml_steps * (K + 1)  # equal forward/backward passes (see the module docstring)
     runs = {"fomaml": (root / "fomaml", fomaml_steps), "sft": (root / "sft", sft_steps)}
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        codes = pool.map(main, [_train_args(base, data, run_dir, algorithm, steps, seed)
+        codes = pool.map(_train_logged, [_train_args(base, data, run_dir, algorithm, steps, seed)
                                 for algorithm, (run_dir, steps) in runs.items()])
     if codes != [0, 0]:
         raise SystemExit(f"training failed: exit codes {codes}")
