@@ -74,9 +74,9 @@ def cipher_rows(seed: int, n: int, symbols: int = 6, length: int = 4) -> list[di
     return rows
 
 
-def write_tasks(root, n_tasks: int, n_support: int, n_query: int, held_out: int = 0) -> list[str]:
-    """Write parquet support/query files for ``n_tasks`` cipher tasks; return ``meta.tasks`` overrides
-    as one YAML flow list (the last ``held_out`` tasks are held out)."""
+def write_task_files(root, tasks: list[tuple[list[dict], list[dict]]], held_out: int = 0) -> list[str]:
+    """Write each ``(support_rows, query_rows)`` as ``root/task<i>/{support,query}.parquet`` and
+    return the ``meta.tasks`` override as one YAML flow list (the last ``held_out`` tasks held out)."""
     from pathlib import Path
 
     import pyarrow as pa
@@ -84,12 +84,18 @@ def write_tasks(root, n_tasks: int, n_support: int, n_query: int, held_out: int 
 
     root = Path(root)
     entries = []
-    for t in range(n_tasks):
-        rows = cipher_rows(1000 + t, n_support + n_query)
+    for t, (support, query) in enumerate(tasks):
         task_dir = root / f"task{t}"
         task_dir.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows[:n_support]), task_dir / "support.parquet")
-        pq.write_table(pa.Table.from_pylist(rows[n_support:]), task_dir / "query.parquet")
+        pq.write_table(pa.Table.from_pylist(support), task_dir / "support.parquet")
+        pq.write_table(pa.Table.from_pylist(query), task_dir / "query.parquet")
         entries.append(f"{{name: task{t}, support_files: [{task_dir}/support.parquet], "
-                       f"query_files: [{task_dir}/query.parquet], held_out: {str(t >= n_tasks - held_out).lower()}}}")
+                       f"query_files: [{task_dir}/query.parquet], held_out: {str(t >= len(tasks) - held_out).lower()}}}")
     return ["meta.tasks=[" + ", ".join(entries) + "]"]
+
+
+def write_tasks(root, n_tasks: int, n_support: int, n_query: int, held_out: int = 0) -> list[str]:
+    """Write parquet support/query files for ``n_tasks`` cipher tasks; return ``meta.tasks`` overrides
+    as one YAML flow list (the last ``held_out`` tasks are held out)."""
+    rows = [cipher_rows(1000 + t, n_support + n_query) for t in range(n_tasks)]
+    return write_task_files(root, [(r[:n_support], r[n_support:]) for r in rows], held_out)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from conftest import cipher_rows
+from conftest import cipher_rows, write_task_files
 
 
 def write_uneven_tasks(root, specs) -> tuple[list[str], list[dict]]:
@@ -19,18 +19,10 @@ def write_uneven_tasks(root, specs) -> tuple[list[str], list[dict]]:
     (cipher rows of ``length`` symbols, so tasks differ in target tokens per row and in rows).
 
     Returns the ``meta.tasks`` override and, per task, ``{"support": rows, "query": rows}``."""
-    root = Path(root)
-    entries, tasks = [], []
-    for t, (n_support, n_query, length) in enumerate(specs):
-        rows = cipher_rows(2000 + t, n_support + n_query, length=length)
-        task_dir = root / f"task{t}"
-        task_dir.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows[:n_support]), task_dir / "support.parquet")
-        pq.write_table(pa.Table.from_pylist(rows[n_support:]), task_dir / "query.parquet")
-        entries.append(f"{{name: task{t}, support_files: [{task_dir}/support.parquet], "
-                       f"query_files: [{task_dir}/query.parquet]}}")
-        tasks.append({"support": rows[:n_support], "query": rows[n_support:]})
-    return ["meta.tasks=[" + ", ".join(entries) + "]"], tasks
+    rows = [cipher_rows(2000 + t, n_support + n_query, length=length)
+            for t, (n_support, n_query, length) in enumerate(specs)]
+    tasks = [{"support": r[:n_support], "query": r[n_support:]} for r, (n_support, _, _) in zip(rows, specs)]
+    return write_task_files(root, [(t["support"], t["query"]) for t in tasks]), tasks
 
 
 def write_rows(path, rows) -> Path:
