@@ -18,6 +18,8 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+from metasft.errors import MetasftError
+
 POINTS = (
     "meta_step.end",                 # after meta-step N's update, before logging/evaluation/saving
     "checkpoint.before_weights",     # temporary directory made, nothing written yet
@@ -38,7 +40,7 @@ def _parse() -> tuple[str, int] | None:
         return None
     name, _, step = spec.partition("@")
     if name not in POINTS or not step.isdigit():
-        raise ValueError(f"METASFT_FAULT={spec!r}: expected POINT@STEP with POINT one of {', '.join(POINTS)}")
+        raise MetasftError(f"METASFT_FAULT={spec!r}: expected POINT@STEP with POINT one of {', '.join(POINTS)}")
     return name, int(step)
 
 
