@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from metasft import distributed
+from metasft import distributed, faults
 from metasft.adapt import adapt_and_score
 from metasft.algorithms import InnerLoop, build_algorithm
-from metasft import faults
 from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_model_weights,
                                 read_trainer_state, recover_run_dir, save_checkpoint)
 from metasft.config import Config
