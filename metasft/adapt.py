@@ -69,18 +69,27 @@ def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int,
 
 
 def adapt_and_score(engine: InnerLoop, task: Task, *, num_steps: int, batch_size: int, eval_batch_size: int,
-                    seed: int, pad_token_id: int, row_shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
+                    seed: int, pad_token_id: int, row_shard: tuple[int, int] = (0, 1), exact_match_rows: int = 0,
+                    tokenizer=None) -> dict[str, float]:
     """Summed query loss and target count of ``task`` before and after ``num_steps`` inner SGD steps
-    from θ (this rank's share under FSDP); θ is put back."""
+    from θ (this rank's share under FSDP), and with ``exact_match_rows`` the adapted model's exact
+    match on that many query rows (greedy generation; needs ``tokenizer``); θ is put back."""
     engine.snapshot()
     try:
         pre, count = dataset_loss(engine, task.query, eval_batch_size, pad_token_id, row_shard)
         adapt_rows(engine, task.support, steps=num_steps, batch_size=batch_size, lr=engine.inner_lr, seed=seed,
                    task=task.name, pad_token_id=pad_token_id, row_shard=row_shard)
         post, _ = dataset_loss(engine, task.query, eval_batch_size, pad_token_id, row_shard)
+        scores = {"query_loss_pre_sum": pre, "query_loss_post_sum": post, "num_targets": count}
+        if exact_match_rows:
+            from metasft.evaluate import evaluate_rows
+
+            n = min(exact_match_rows, len(task.query))
+            scores["exact_match"] = evaluate_rows(engine.model, tokenizer, task.query[:n], task.query_examples[:n],
+                                                  batch_size=eval_batch_size, device=engine.device)["exact_match"]
     finally:
         engine.restore()
-    return {"query_loss_pre_sum": pre, "query_loss_post_sum": post, "num_targets": count}
+    return scores
 
 def adapt_command(args) -> Path:
     """``metasft adapt``: load, adapt on a seeded choice of ``--n-shots`` rows, save atomically."""

@@ -50,7 +50,9 @@ class MethodSpec:
 @dataclass
 class AdaptProtocol:
     optimizer: Literal["sgd", "adamw"] = _f("sgd", "Adaptation optimizer, shared by all methods.")
-    lr: float = _f(0.1, "Adaptation learning rate, shared by all methods.")
+    lr: float = _f(0.1, "Adaptation learning rate, shared by all methods (when lr_grid is empty).")
+    lr_grid: list[float] = _f([], "Choose each method's adaptation learning rate per n_shots from these values "
+                                  "on the validation tasks (best mean metric); overrides lr.")
     steps: int = _f(5, "Adaptation steps.")
     batch_size: int = _f(10, "Examples per adaptation step (all shots when fewer).")
 
@@ -67,7 +69,9 @@ class EvalSettings:
 class BenchConfig:
     base_model: str = _f("", "The un-meta-trained model every method starts from (directory or hub id).")
     tasks_dir: str = _f("", "A prepared directory (`metasft prepare` or the synthetic suite).")
-    held_out_tasks: list[str] = _f([], "Tasks to evaluate on (default: the manifest's held-out tasks).")
+    held_out_tasks: list[str] = _f([], "Tasks to evaluate on (default: the manifest's held-out test tasks).")
+    validation_tasks: list[str] = _f([], "Tasks on which adapt.lr_grid is decided (default: the manifest's "
+                                         "validation tasks); never scored in the results.")
     methods: list[MethodSpec] = _f([], "Methods to compare; base and sft are added when missing.")
     n_shots: list[int] = _f([10, 50, 100], "Support examples given to each adaptation.")
     seeds: list[int] = _f([0], "Seeds: which shots are drawn and the adaptation batch order.")
@@ -102,6 +106,11 @@ def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> Ben
         raise ConfigError("train_parallel and train_threads must be >= 1")
     if cfg.adapt.lr <= 0 or cfg.adapt.steps < 1 or cfg.adapt.batch_size < 1:
         raise ConfigError("adapt: lr must be > 0, steps and batch_size >= 1")
+    if any(not lr > 0 for lr in cfg.adapt.lr_grid):
+        raise ConfigError(f"adapt.lr_grid: {cfg.adapt.lr_grid} must all be > 0")
+    if overlap := set(cfg.validation_tasks) & set(cfg.held_out_tasks):
+        raise ConfigError(f"validation_tasks: task {sorted(overlap)[0]!r} is also in held_out_tasks; "
+                          "choices must not be made on the tasks that are scored")
     names = set()
     for i, method in enumerate(cfg.methods):
         sources = [s for s in (method.config, method.config_name, method.checkpoint) if s]
@@ -238,8 +247,13 @@ def train_methods(methods: list[ResolvedMethod], out: Path, parallel: int, threa
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device, on_done=lambda: None) -> list[dict]:
-    """Adapt ``checkpoint`` to every (task, n_shots, seed) with the shared protocol and score it."""
+def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device, on_done=lambda: None,
+                    validation_tasks=()) -> tuple[list[dict], dict[int, float], list[dict]]:
+    """Adapt ``checkpoint`` to every (task, n_shots, seed) with the shared protocol and score it.
+
+    With ``adapt.lr_grid`` the learning rate for each n_shots is first chosen on ``validation_tasks``
+    (best mean ``cfg.metric``, ties to the lower query loss). Returns the held-out rows, the learning
+    rate used per n_shots, and the validation rows behind the choice."""
     import torch
 
     from metasft.adapt import adapt_rows, select_shots
@@ -253,29 +267,45 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     model.train()
     engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps)
     engine.snapshot()
-    rows = []
-    for task in tasks:
+
+    def score(task, n_shots: int, seed: int, lr: float) -> dict:
+        if n_shots > len(task.support):
+            raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
         query_rows = task.query[: cfg.eval.max_query_rows] if cfg.eval.max_query_rows else task.query
-        query_examples = task.query_examples[: len(query_rows)]
+        torch.manual_seed(seed)
+        shots = [task.support[i] for i in select_shots(len(task.support), n_shots, seed, task.name)]
+        started = time.perf_counter()
+        adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, n_shots),
+                   lr=lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
+                   optimizer=cfg.adapt.optimizer)
+        adapt_seconds = time.perf_counter() - started
+        scores = evaluate_rows(model, tokenizer, query_rows, task.query_examples[: len(query_rows)],
+                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                               with_generation=cfg.eval.generation, device=device)
+        engine.restore()
+        on_done()
+        return {"method": name, "task": task.name, "n_shots": n_shots, "seed": seed,
+                **{m: scores.get(m) for m in METRICS}, "adapt_lr": lr, "adapt_seconds": adapt_seconds}
+
+    chosen = {n_shots: cfg.adapt.lr for n_shots in cfg.n_shots}
+    validation_rows = []
+    if cfg.adapt.lr_grid:
         for n_shots in cfg.n_shots:
-            if n_shots > len(task.support):
-                raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
-            for seed in cfg.seeds:
-                torch.manual_seed(seed)
-                shots = [task.support[i] for i in select_shots(len(task.support), n_shots, seed, task.name)]
-                started = time.perf_counter()
-                adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, n_shots),
-                           lr=cfg.adapt.lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
-                           optimizer=cfg.adapt.optimizer)
-                adapt_seconds = time.perf_counter() - started
-                scores = evaluate_rows(model, tokenizer, query_rows, query_examples, batch_size=cfg.eval.batch_size,
-                                       max_new_tokens=cfg.eval.max_new_tokens, with_generation=cfg.eval.generation,
-                                       device=device)
-                engine.restore()
-                rows.append({"method": name, "task": task.name, "n_shots": n_shots, "seed": seed,
-                             **{m: scores.get(m) for m in METRICS}, "adapt_seconds": adapt_seconds})
-                on_done()
-    return rows
+            ranking = []
+            for lr in cfg.adapt.lr_grid:
+                trial = [score(task, n_shots, seed, lr) for task in validation_tasks for seed in cfg.seeds]
+                validation_rows += trial
+                ranking.append((_mean(trial, cfg.metric), _mean(trial, "query_loss"), lr))
+            sign = 1 if HIGHER_IS_BETTER[cfg.metric] else -1
+            chosen[n_shots] = max(ranking, key=lambda r: (sign * r[0], -r[1]))[2]
+    rows = [score(task, n_shots, seed, chosen[n_shots])
+            for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
+    return rows, chosen, validation_rows
+
+
+def _mean(rows: list[dict], metric: str) -> float:
+    values = [r[metric] for r in rows if r[metric] is not None]
+    return sum(values) / len(values) if values else math.nan
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -310,13 +340,19 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def markdown_table(summary: list[dict], methods_info: dict[str, dict]) -> str:
-    lines = ["| method | n_shots | exact match | ROUGE-L | token accuracy | query loss |", "|---|---|---|---|---|---|"]
+def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on: list[str] | None = None) -> str:
+    lines = ["| method | n_shots | adaptation lr | exact match | ROUGE-L | token accuracy | query loss |",
+             "|---|---|---|---|---|---|---|"]
     for entry in summary:
         cells = []
         for metric in ("exact_match", "rouge_l", "token_accuracy", "query_loss"):
             cells.append(f"{entry[metric]:.3f} ± {entry[metric + '_ci95']:.3f}" if metric in entry else "–")
-        lines.append(f"| {entry['method']} | {entry['n_shots']} | " + " | ".join(cells) + " |")
+        lr = methods_info.get(entry["method"], {}).get("adapt_lr", {}).get(str(entry["n_shots"]))
+        lines.append(f"| {entry['method']} | {entry['n_shots']} | {'–' if lr is None else f'{lr:g}'} | "
+                     + " | ".join(cells) + " |")
+    if chosen_on:
+        lines += ["", f"Adaptation learning rates were chosen per method and n_shots on {len(chosen_on)} validation "
+                      "tasks (validation.csv), never on the held-out tasks above."]
     lines += ["", "| method | meta-training steps | training wall time (s) | training peak RSS (MiB) | evaluation wall time (s) |",
               "|---|---|---|---|---|"]
     for name, info in methods_info.items():
@@ -358,14 +394,57 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def training_curves(methods: list[ResolvedMethod], metric: str) -> dict[str, list[dict]]:
+    """Each trained method's periodic evaluation from its run's metrics.jsonl: [{step, seconds,
+    value}] of ``metric`` on the validation tasks (held-out tasks when the data has none)."""
+    logged = {"query_loss": "query_loss_post"}.get(metric, metric)
+    curves = {}
+    for method in methods:
+        if method.train_config is None:
+            continue
+        path = Path(method.train_config.trainer.default_local_dir) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for key in (f"val/{logged}", f"heldout/{logged}"):
+            points = [{"step": r["step"], "seconds": r.get("train_seconds"), "value": r[key]} for r in records if key in r]
+            if points:
+                curves[method.name] = points
+                break
+    return curves
+
+
+def plot_training_curves(curves: dict[str, list[dict]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, x, label in zip(axes, ("step", "seconds"), ("meta-steps (SFT: optimizer steps)", "training wall time (s)")):
+        for name, points in curves.items():
+            xs = [p[x] for p in points if p[x] is not None]
+            if xs:
+                ax.plot(xs, [p["value"] for p in points if p[x] is not None], marker=".", label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{metric.replace('_', ' ')} after adaptation")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Training curves: validation tasks, adapted as during meta-training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
-    columns = ["method", "task", "n_shots", "seed", *METRICS, "adapt_seconds"]
+    columns = ["method", "task", "n_shots", "seed", *METRICS, "adapt_lr", "adapt_seconds"]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) and k != "adapt_seconds" else v) for k, v in row.items()})
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) and k not in ("adapt_seconds", "adapt_lr") else v)
+                             for k, v in row.items()})
     os.replace(tmp, path)
 
 
@@ -399,16 +478,25 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device, DistEnv())
     specs = read_manifest_specs(cfg.tasks_dir)
-    wanted = cfg.held_out_tasks or [s.name for s in specs if s.held_out]
+    wanted = cfg.held_out_tasks or [s.name for s in specs if s.held_out and not s.validation]
     if not wanted:
         raise ConfigError("held_out_tasks: the manifest marks no held-out tasks; list some")
+    validation = cfg.validation_tasks or [s.name for s in specs if s.validation and s.name not in wanted]
+    if cfg.adapt.lr_grid and not validation:
+        raise ConfigError("adapt.lr_grid: needs validation tasks (list validation_tasks, or prepare tasks with "
+                          "split: validation); held-out tasks are never used to choose")
     by_name = {s.name: s for s in specs}
-    missing = [n for n in wanted if n not in by_name]
-    if missing:
-        raise ConfigError(f"held_out_tasks: task {missing[0]!r} is not in {cfg.tasks_dir}")
+    for key, names in (("held_out_tasks", wanted), ("validation_tasks", validation)):
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ConfigError(f"{key}: task {missing[0]!r} is not in {cfg.tasks_dir}")
+        if trained_on := [n for n in names if not by_name[n].held_out]:
+            raise ConfigError(f"{key}: task {trained_on[0]!r} is a meta-training task in {cfg.tasks_dir}")
     methods = resolve_methods(cfg, out, num_train_tasks=sum(not s.held_out for s in specs))
     tokenizer = load_tokenizer(ModelConfig(partial_pretrain=cfg.base_model))
     tasks = [load_task(by_name[n], cfg.data, tokenizer) for n in wanted]
+    validation_tasks = [load_task(by_name[n], cfg.data, tokenizer) for n in validation] if cfg.adapt.lr_grid else []
+    validation_rows: list[dict] = []
     rows: list[dict] = []
     info: dict[str, dict] = {m.name: {} for m in methods}
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -425,16 +513,24 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         torch.manual_seed(0)
         with Progress(TextColumn(f"[{index}/{len(methods)}] adapting + evaluating {method.name}"), BarColumn(),
                       MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-            bar = progress.add_task("eval", total=len(tasks) * len(cfg.n_shots) * len(cfg.seeds))
-            rows += evaluate_method(method.name, checkpoint, cfg, tasks, device, lambda: progress.advance(bar))
+            trials = len(tasks) + len(validation_tasks) * len(cfg.adapt.lr_grid)
+            bar = progress.add_task("eval", total=trials * len(cfg.n_shots) * len(cfg.seeds))
+            method_rows, chosen, method_validation = evaluate_method(
+                method.name, checkpoint, cfg, tasks, device, lambda: progress.advance(bar), validation_tasks)
+        rows += method_rows
+        validation_rows += method_validation
+        entry["adapt_lr"] = {str(n): lr for n, lr in chosen.items()}
         entry["eval_seconds"] = time.perf_counter() - started
         console.print(f"[{index}/{len(methods)}] evaluated {method.name} on {len(tasks)} held-out tasks "
                       f"× n_shots {cfg.n_shots} × seeds {cfg.seeds} ({entry['eval_seconds']:.0f} s)",
                       markup=False, highlight=False)
     summary = summarise(rows)
     write_csv(rows, out / "results.csv")
-    table = markdown_table(summary, info)
-    result = {"summary": summary, "methods": info, "rows": rows,
+    if validation_rows:
+        write_csv(validation_rows, out / "validation.csv")
+    table = markdown_table(summary, info, chosen_on=validation if cfg.adapt.lr_grid else None)
+    curves = training_curves(methods, cfg.metric)
+    result = {"summary": summary, "methods": info, "rows": rows, "training_curves": curves,
               "machine": _machine(), "config": dataclasses.asdict(cfg)}
     ranked = rank_sweep(summary, methods, cfg.metric)
     if ranked:
@@ -450,8 +546,12 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         json.dump(result, handle, indent=2)
     os.replace(out / "results.json.tmp", out / "results.json")
     plot(summary, cfg.metric, out / "adaptation.png")
+    written = ["results.csv", "results.json", "results.md", "adaptation.png"]
+    if curves:
+        plot_training_curves(curves, cfg.metric, out / "training_curves.png")
+        written.append("training_curves.png")
     console.print(table, markup=False, highlight=False)
-    console.print(f"wrote {out}/results.csv, results.json, results.md, adaptation.png", markup=False, highlight=False)
+    console.print(f"wrote {out}/{', '.join(written)}", markup=False, highlight=False)
     return result
 
 

@@ -121,7 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from metasft.demo import METHODS, run_demo
 
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    run_demo(args.out, args.budget, methods, args.n_shots, args.seeds)
+    run_demo(args.out, args.steps, methods, args.n_shots, args.seed, args.pretrain_steps)
     return 0
 
 
@@ -212,13 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic suite and a tiny model (CPU, minutes)",
-                       description="Generate the cipher suite, build a tiny Llama, meta-train sft/fomaml/reptile/maml/"
-                                   "meta_lora for --budget seconds each, benchmark them on held-out tasks.")
+                       description="Generate the cipher suite, build and pretrain a tiny Llama, meta-train sft/fomaml/"
+                                   "reptile/maml/meta_lora on the same budget of work, benchmark them on held-out tasks.")
     p.add_argument("--out", default="metasft-demo", metavar="DIR", help="output directory (default ./metasft-demo)")
-    p.add_argument("--budget", type=float, default=150.0, metavar="SECONDS", help="meta-training time per method (default 150; two methods train at a time)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seeds everything random: suite keys and splits, model init, task sampling, shots (default 0)")
+    p.add_argument("--steps", type=int, default=300, metavar="N",
+                   help="work per method, in FOMAML meta-steps; others get the same forward/backward passes (default 300)")
+    p.add_argument("--pretrain-steps", type=int, default=600, metavar="N",
+                   help="multi-task steps that pretrain the tiny base on the transform family (default 600)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora")
     p.add_argument("--n-shots", type=int, nargs="+", default=[10, 50], metavar="N", help="default 10 50")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="default 0")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -40,6 +40,8 @@ class TaskSpec:
     support_files: list[str] = _f([], "Files of support examples (inner-loop adaptation).")
     query_files: list[str] = _f([], "Files of query examples (meta-loss and evaluation).")
     held_out: bool = _f(False, "Held out from meta-training; used only for evaluation.")
+    validation: bool = _f(False, "A held-out task for choices (bench's adaptation lr, training curves), "
+                                 "never for final scores; implies held_out.")
 
 
 @dataclass
@@ -105,7 +107,10 @@ class TrainerConfig:
     total_training_steps: int = _f(100, "Number of meta-steps.")
     save_freq: int = _f(-1, "Save a checkpoint every N meta-steps (-1 = only the last step, which is always saved).")
     keep: Optional[int] = _f(None, "Keep only the newest N checkpoints (null = keep all).")
-    test_freq: int = _f(-1, "Adapt to held-out tasks and log their query loss every N meta-steps (-1 = off).")
+    test_freq: int = _f(-1, "Adapt to held-out tasks and log their query loss every N meta-steps (-1 = off). "
+                            "When the data has validation tasks, only those are used (logged as val/...).")
+    test_exact_match_rows: int = _f(0, "With test_freq: also generate for this many query rows of each evaluated "
+                                       "task after adaptation and log exact match (0 = off; not under FSDP).")
     logger: list[str] = _f(["console", "jsonl"], "Metric sinks: console, jsonl, tensorboard, wandb.")
     seed: int = _f(42, "Seed for task sampling, batch schedules and initialisation.")
     resume_mode: str = _f("auto", "auto (newest checkpoint in default_local_dir), disable, or a checkpoint path.")
@@ -189,6 +194,8 @@ class Config:
         _at_least("trainer.total_training_steps", trainer.total_training_steps, 1)
         if trainer.save_freq == 0 or trainer.save_freq < -1:
             raise ConfigError(f"trainer.save_freq: {trainer.save_freq} must be a positive number of steps or -1")
+        if trainer.test_exact_match_rows < 0:
+            raise ConfigError(f"trainer.test_exact_match_rows: {trainer.test_exact_match_rows} must be >= 0")
         if trainer.test_freq == 0 or trainer.test_freq < -1:
             raise ConfigError(f"trainer.test_freq: {trainer.test_freq} must be a positive number of steps or -1")
         if trainer.keep is not None:

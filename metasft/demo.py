@@ -1,122 +1,194 @@
 """``metasft demo``: the whole pipeline on a laptop CPU, no downloads (SPEC §8).
 
-    metasft demo                       # ./metasft-demo, 150 s of meta-training per method, two at a time
-    metasft demo --budget 30 --out /tmp/demo
+    metasft demo                       # ./metasft-demo, seed 0, 300 meta-steps of FOMAML's work per method
+    metasft demo --seed 3 --steps 200 --out /tmp/demo
 
-1. generates the built-in cipher suite (120 tasks: 100 for meta-training, 20 held out);
-2. builds a tiny Llama (2 layers, 64 wide) and a byte-level BPE tokenizer locally;
-3. meta-trains ``sft``, ``fomaml``, ``reptile``, ``maml`` and ``meta_lora`` for ``--budget`` seconds each;
-4. benchmarks them and the untrained base model on the held-out tasks (``metasft bench``), prints
-   the table and writes ``adaptation.png``.
+1. generates the built-in cipher suite (``--seed``): 200 keys for meta-training, 10 validation keys
+   (where each method's adaptation learning rate is chosen) and 20 held-out keys that are scored;
+2. builds a tiny Llama (2 layers, 64 wide) and a byte-level BPE tokenizer locally, and *pretrains* it
+   on a disjoint family of fixed digit transforms (``copy:``, ``next:``, …): every method starts from
+   that base, as real use starts from a pretrained LM;
+3. meta-trains ``sft``, ``fomaml``, ``reptile``, ``maml`` and ``meta_lora`` on the same budget of work;
+4. benchmarks them and the pretrained base on the held-out keys (``metasft bench``), prints the
+   table and writes ``adaptation.png`` and ``training_curves.png``.
 
-The numbers are measured on your machine each time; nothing is fixed. ``bench.yaml`` is left in
-the output directory so the benchmark can be re-run or changed.
+**Budget in work, not seconds.** Every method gets the same number of forward/backward passes over
+the same kind of batches: ``--steps`` FOMAML meta-steps of ``meta_batch_size`` tasks × (K inner + 1
+query) passes. A method whose step costs fewer passes gets more steps (SFT one pass per task, so
+(K + 1)× the steps; Reptile, which has no query pass, (K + 1)/K×). It is the fair unit for "the same
+data, the same number of gradient evaluations"; the wall time each method took is reported beside it.
+With ``--seed`` fixing the suite, the initialisation, task sampling and the shots, the same command
+prints the same numbers on any machine.
+
+The numbers are measured on your machine each time; nothing is fixed. ``bench.yaml`` is left in the
+output directory so the benchmark can be re-run or changed.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
-# Settings shared by every meta-trained method. Short raw-text examples and plain SGD inner loops:
-# tiny models need short formats to show the effect (SPEC §8).
+K = 5            # inner steps of the meta-learned methods, and adaptation steps in the benchmark
+INNER_LR = 0.1   # inner SGD learning rate of the meta-learned methods
+TASKS_PER_STEP = 4
+ROWS = 10        # support rows per inner step and query rows per meta-step
+
+# Settings shared by every method. Short raw-text examples and plain SGD inner loops: tiny models
+# need short formats to show the effect (SPEC §8).
 DEMO_TRAIN = {
-    "meta.num_inner_steps": 5,
-    "meta.meta_batch_size": 4,
-    "meta.inner_batch_size": 10,
-    "meta.query_batch_size": 20,
+    "meta.num_inner_steps": K,
+    "meta.inner_lr": INNER_LR,
+    "meta.meta_batch_size": TASKS_PER_STEP,
+    "meta.inner_batch_size": ROWS,
+    "meta.query_batch_size": ROWS,
+    "meta.outer_lr": 3e-3,
     "optim.name": "adamw",
     "optim.lr_scheduler": "constant",
     "optim.warmup_steps_ratio": 0.0,
     "optim.clip_grad": 1.0,
-    "trainer.total_training_steps": 1000000,
     "trainer.save_freq": -1,
     "trainer.log_freq": 10,
+    "trainer.precision": "fp32",
+    "trainer.device": "cpu",
     "model.attn_implementation": "sdpa",
-}
-INNER_LR = 0.5
-METHODS = {
-    "sft": ("sft", {"meta.outer_lr": 3e-3}),
-    "fomaml": ("fomaml", {"meta.outer_lr": 3e-3, "meta.inner_lr": INNER_LR}),
-    "reptile": ("reptile", {"meta.outer_lr": 1.0, "meta.inner_lr": INNER_LR, "optim.name": "sgd", "optim.clip_grad": None}),
-    "maml": ("maml", {"meta.outer_lr": 3e-3, "meta.inner_lr": INNER_LR}),
-    "meta_lora": ("meta_lora", {"meta.outer_lr": 1e-2, "meta.inner_lr": INNER_LR * 4, "model.lora_rank": 16,
-                                "model.lora_alpha": 16}),
+    # Training curves: adapt to the validation tasks and generate every so often.
+    "trainer.test_exact_match_rows": 20,
 }
 
+# name -> (shipped config, overrides, forward/backward passes per task and step)
+METHODS: dict[str, tuple[str, dict, int]] = {
+    "sft": ("sft", {}, 1),
+    "fomaml": ("fomaml", {}, K + 1),
+    "reptile": ("reptile", {"meta.outer_lr": 1.0, "optim.name": "sgd", "optim.clip_grad": None}, K),
+    "maml": ("maml", {}, K + 1),
+    "meta_lora": ("meta_lora", {"meta.outer_lr": 1e-2, "model.lora_rank": 16, "model.lora_alpha": 16}, K + 1),
+}
+ADAPT_LR_GRID = [0.03, 0.1, 0.3]  # each method's adaptation lr, chosen on the validation tasks
+NUM_TRAIN, NUM_VALIDATION, NUM_TEST = 200, 10, 20
+CURVE_POINTS = 10
 
-def write_bench_config(out: Path, budget: float, methods: list[str], n_shots: list[int], seeds: list[int]) -> Path:
+
+def method_steps(name: str, steps: int) -> int:
+    """Meta-steps that give ``name`` the forward/backward passes of ``steps`` FOMAML meta-steps."""
+    return max(1, round(steps * (K + 1) / METHODS[name][2]))
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={'null' if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def write_bench_config(out: Path, base_model: Path, steps: int, seed: int, methods: list[str],
+                       n_shots: list[int]) -> Path:
+    common = dict(DEMO_TRAIN, **{"trainer.seed": seed})
     config = {
-        "base_model": str(out / "base_model"),
+        "base_model": str(base_model),
         "tasks_dir": str(out / "data"),
         "n_shots": n_shots,
-        "seeds": seeds,
-        "adapt": {"optimizer": "sgd", "lr": INNER_LR, "steps": DEMO_TRAIN["meta.num_inner_steps"], "batch_size": 10},
+        "seeds": [seed],
+        "adapt": {"optimizer": "sgd", "lr": INNER_LR, "lr_grid": ADAPT_LR_GRID, "steps": K, "batch_size": ROWS},
         "eval": {"batch_size": 50, "max_query_rows": 50},
         "data": {"chat_template": "none", "max_length": 64},
-        "train_overrides": [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                            for k, v in DEMO_TRAIN.items()] + [f"trainer.time_budget_s={budget}"],
+        "train_overrides": [_override(k, v) for k, v in common.items()],
         "metric": "exact_match",
         # Tiny models are bound by Python overhead, not FLOPs: two single-threaded trainings at a
         # time use a 2-core CPU about twice as well as one two-threaded training.
         "train_parallel": 2,
         "train_threads": 1,
         "output_dir": str(out),
-        "methods": [{"name": name, "config_name": METHODS[name][0],
-                     "overrides": [f"{k}={'null' if v is None else v}" for k, v in METHODS[name][1].items()]}
-                    for name in methods],
+        "methods": [],
     }
+    for name in methods:
+        config_name, overrides, _ = METHODS[name]
+        total = method_steps(name, steps)
+        overrides = dict(overrides, **{"trainer.total_training_steps": total,
+                                       "trainer.test_freq": max(1, total // CURVE_POINTS)})
+        config["methods"].append({"name": name, "config_name": config_name,
+                                  "overrides": [_override(k, v) for k, v in overrides.items()]})
     path = out / "bench.yaml"
     path.write_text("# metasft bench --config " + str(path) + "\n" + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 
 
-def run_demo(out: str | Path, budget: float, methods: list[str], n_shots: list[int], seeds: list[int],
-             num_tasks: int = 120, num_held_out: int = 20) -> dict:
+def pretrain_base(out: Path, seed: int, pretrain_steps: int, console) -> Path:
+    """Build the tiny model and pretrain it (multi-task SFT) on the transform family; returns the
+    checkpoint every method starts from."""
+    from metasft.checkpoint import latest_checkpoint
+    from metasft.data.synthetic import generate_pretraining_suite
+    from metasft.errors import MetasftError
+    from metasft.tiny import save_tiny_model
+
+    generate_pretraining_suite(out / "pretrain_data", seed=seed)
+    save_tiny_model(out / "init_model", arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128, seed=seed)
+    run_dir = out / "runs" / "pretrain"
+    args = [sys.executable, "-m", "metasft", "train", "--config-name", "sft",
+            f"model.partial_pretrain={out / 'init_model'}", f"meta.tasks_dir={out / 'pretrain_data'}",
+            f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={pretrain_steps}",
+            "trainer.logger=[jsonl]", "trainer.test_freq=-1", "data.chat_template=none", "data.max_length=64",
+            *[_override(k, v) for k, v in DEMO_TRAIN.items() if k != "trainer.test_exact_match_rows"],
+            f"trainer.seed={seed}"]
+    console.print(f"pretraining the tiny base: {pretrain_steps} multi-task steps on the transform family "
+                  f"(log: {run_dir}.log)", markup=False, highlight=False)
+    with open(f"{run_dir}.log", "w", encoding="utf-8") as log:
+        code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT)
+    checkpoint = latest_checkpoint(run_dir)
+    if code != 0 or checkpoint is None:
+        raise MetasftError(f"demo: pretraining the base failed (exit {code}; log: {run_dir}.log)")
+    return checkpoint
+
+
+def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int], seed: int = 0,
+             pretrain_steps: int = 600) -> dict:
     from rich.console import Console
 
     from metasft.bench import load_bench_config, run_bench
-    from metasft.data.synthetic import generate_suite
+    from metasft.data.synthetic import generate_suite, pretraining_keys
     from metasft.errors import ConfigError
-    from metasft.tiny import save_tiny_model
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
-    if budget <= 0:
-        raise ConfigError(f"--budget: {budget} must be > 0 seconds")
+    for flag, value in (("--steps", steps), ("--pretrain-steps", pretrain_steps)):
+        if value < 1:
+            raise ConfigError(f"{flag}: {value} must be >= 1")
     console = Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "runs").exists():
-        # Time-budgeted runs would resume and train for another budget: a demo measures afresh.
-        import shutil
-
+        # Runs would resume from their last checkpoint and train no further: a demo measures afresh.
         shutil.rmtree(out / "runs")
-    console.print(f"[bold]metasft demo[/bold] → {out}  ({budget:g} s of meta-training per method)")
-    manifest = generate_suite(out / "data", num_tasks=num_tasks, num_held_out=num_held_out, support_size=100, query_size=50)
-    console.print(f"suite: {len(manifest['train_tasks'])} meta-training and {len(manifest['held_out_tasks'])} held-out "
-                  "cipher tasks, e.g. 'map: 1 5 2 4' → ' 3 2 4 5'", markup=False, highlight=False)
-    save_tiny_model(out / "base_model", arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=128)
-    bench_config = write_bench_config(out, budget, methods, n_shots, seeds)
+    (out / "runs").mkdir()
+    console.print(f"[bold]metasft demo[/bold] → {out}  (seed {seed}; {steps} FOMAML meta-steps of work per method)")
+    manifest = generate_suite(out / "data", num_tasks=NUM_TRAIN + NUM_VALIDATION + NUM_TEST,
+                              num_held_out=NUM_VALIDATION + NUM_TEST, num_validation=NUM_VALIDATION,
+                              support_size=100, query_size=50, seed=seed, exclude_keys=pretraining_keys())
+    console.print(f"suite: {len(manifest['train_tasks'])} meta-training, {len(manifest['validation_tasks'])} "
+                  f"validation and {len(manifest['held_out_tasks'])} held-out cipher tasks, e.g. 'map: 1 5 2 4' → "
+                  "' 3 2 4 5'", markup=False, highlight=False)
+    base = pretrain_base(out, seed, pretrain_steps, console)
+    bench_config = write_bench_config(out, base, steps, seed, methods, n_shots)
     result = run_bench(load_bench_config(bench_config), console=console)
     _verdict(result, console, min(n_shots))
     return result
 
 
 def _verdict(result: dict, console, n_shots: int) -> None:
-    """Say plainly whether meta-learning beat multi-task SFT at the fewest shots."""
+    """Say plainly, per method, whether meta-learning beat multi-task SFT at the fewest shots."""
     at = {e["method"]: e for e in result["summary"] if e["n_shots"] == n_shots and "exact_match" in e}
     if "sft" not in at:
         return
     sft = at["sft"]
-    better = [m for m, e in at.items() if m not in ("sft", "base")
-              and e["exact_match"] - e["exact_match_ci95"] > sft["exact_match"] + sft["exact_match_ci95"]]
-    if better:
-        console.print(f"At {n_shots} shots, {', '.join(better)} beat multi-task SFT on held-out tasks "
-                      "(95% intervals do not overlap).", markup=False, highlight=False)
-    else:
-        console.print(f"At {n_shots} shots no meta-learned method beat multi-task SFT beyond the 95% intervals "
-                      "with this budget; try a larger --budget.", markup=False, highlight=False)
+    for method, e in at.items():
+        if method in ("sft", "base"):
+            continue
+        margin = e["exact_match"] - sft["exact_match"]
+        separated = e["exact_match"] - e["exact_match_ci95"] > sft["exact_match"] + sft["exact_match_ci95"]
+        verdict = "beats" if separated else "does not beat"
+        console.print(f"At {n_shots} shots {method} {verdict} multi-task SFT on held-out tasks: exact match "
+                      f"{e['exact_match']:.3f} vs {sft['exact_match']:.3f} ({margin:+.3f}"
+                      f"{', 95% intervals do not overlap' if separated else ''}).", markup=False, highlight=False)

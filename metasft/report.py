@@ -13,7 +13,7 @@ def print_prepare_report(reports, output_dir, console: Console | None = None) ->
         table.add_column(column, justify="left" if column in ("task", "split", "dropped") else "right")
     for r in reports:
         dropped = ", ".join(f"{n} {why}" for why, n in r.dropped.items()) or "0"
-        table.add_row(r.name, "held-out" if r.held_out else "train", str(r.read), dropped, str(r.support), str(r.query))
+        table.add_row(r.name, {"test": "held-out"}.get(r.split, r.split), str(r.read), dropped, str(r.support), str(r.query))
     console.print(table)
     for r in reports:
         for warning in r.warnings:

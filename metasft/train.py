@@ -138,6 +138,13 @@ class Trainer:
         tasks = load_tasks(cfg.meta, cfg.data, self.tokenizer)
         self.train_tasks = [t for t in tasks if not t.held_out]
         self.held_out_tasks = [t for t in tasks if t.held_out]
+        # Periodic evaluation looks at validation tasks when there are any, so that watching a run
+        # (or drawing its curve) never touches the tasks that final scores are measured on.
+        validation = [t for t in tasks if t.validation]
+        self.eval_tasks, self.eval_prefix = (validation, "val") if validation else (self.held_out_tasks, "heldout")
+        if cfg.trainer.test_exact_match_rows and cfg.model.use_fsdp and env.world_size > 1:
+            raise ConfigError("trainer.test_exact_match_rows: generation during training is not supported under "
+                              "FSDP; set it to 0 or model.use_fsdp=false")
         self.pad_id = self.tokenizer.pad_token_id
         # Task-parallel: each rank takes whole tasks. FSDP: every rank takes a share of every batch.
         self.row_shard = (env.rank, env.world_size) if self.fsdp else (0, 1)
@@ -160,6 +167,7 @@ class Trainer:
         self._signal = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+        self.train_seconds = 0.0  # wall time spent in meta-steps, summed over resumes (for curves)
         self._resume()
 
     # ------------------------------------------------------------------ resume / save
@@ -191,6 +199,7 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.env.is_main:
             print(f"metasft: resumed from {checkpoint} at meta-step {self.step}", flush=True)
 
@@ -204,7 +213,7 @@ class Trainer:
         path = None
         if self.env.is_main:
             state = {"sampler": self.sampler.state_dict(), "nonfinite_total": self.nonfinite_total,
-                     "nonfinite_streak": self.nonfinite_streak, "algorithm": self.algorithm.name, "lora": self.lora,
+                     "nonfinite_streak": self.nonfinite_streak, "train_seconds": self.train_seconds, "algorithm": self.algorithm.name, "lora": self.lora,
                      "fsdp": self.fsdp, "world_size": self.env.world_size}
             path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.cfg.to_yaml(),
                                    self.optimizer, state, keep=self.cfg.trainer.keep, model_state=model_state,
@@ -230,29 +239,38 @@ class Trainer:
             self.nonfinite_streak += 1
         self.step += 1
         elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
         return {"lr": lr, **result, "tokens_per_s": result["tokens"] / elapsed, "step_time_s": elapsed,
-                "nonfinite_skipped": self.nonfinite_total}
+                "train_seconds": self.train_seconds, "nonfinite_skipped": self.nonfinite_total}
 
     def evaluate_held_out(self) -> dict:
-        """Adapt to each held-out task as `metasft adapt` would and average its query losses."""
+        """Adapt to each evaluation task (validation tasks if any, else held-out) as `metasft adapt`
+        would and average its query losses (and exact match, with trainer.test_exact_match_rows)."""
         cfg = self.cfg
-        mine = self.held_out_tasks if self.fsdp else distributed.shard(self.held_out_tasks, self.env)
-        per_task = []  # [pre_sum, post_sum, count] of each task this rank (partly, under FSDP) scored
+        mine = self.eval_tasks if self.fsdp else distributed.shard(self.eval_tasks, self.env)
+        per_task = []  # [pre_sum, post_sum, count, exact match] of each task this rank (partly, under FSDP) scored
         for task in mine:
             scores = adapt_and_score(self.engine, task, num_steps=cfg.meta.num_inner_steps,
                                      batch_size=cfg.meta.inner_batch_size, eval_batch_size=cfg.meta.query_batch_size,
-                                     seed=cfg.trainer.seed, pad_token_id=self.pad_id, row_shard=self.row_shard)
-            per_task.append([scores["query_loss_pre_sum"], scores["query_loss_post_sum"], scores["num_targets"]])
+                                     seed=cfg.trainer.seed, pad_token_id=self.pad_id, row_shard=self.row_shard,
+                                     exact_match_rows=cfg.trainer.test_exact_match_rows, tokenizer=self.tokenizer)
+            per_task.append([scores["query_loss_pre_sum"], scores["query_loss_post_sum"], scores["num_targets"],
+                             scores.get("exact_match", 0.0)])
         if self.fsdp:  # sum each task's partial losses over ranks, then average the task means
             flat = distributed.all_reduce_scalars([x for t in per_task for x in t[:2]], self.device)
             means = [(flat[2 * i] / max(t[2], 1), flat[2 * i + 1] / max(t[2], 1)) for i, t in enumerate(per_task)]
-            sums = [sum(m[0] for m in means), sum(m[1] for m in means), len(means)]
+            sums = [sum(m[0] for m in means), sum(m[1] for m in means), len(means), 0.0]
         else:
-            sums = [sum(t[0] / max(t[2], 1) for t in per_task), sum(t[1] / max(t[2], 1) for t in per_task), len(per_task)]
+            sums = [sum(t[0] / max(t[2], 1) for t in per_task), sum(t[1] / max(t[2], 1) for t in per_task),
+                    len(per_task), sum(t[3] for t in per_task)]
             sums = distributed.all_reduce_scalars(sums, self.device)
         if not sums[2]:
             return {}
-        return {"heldout/query_loss_pre": sums[0] / sums[2], "heldout/query_loss_post": sums[1] / sums[2]}
+        p = self.eval_prefix
+        metrics = {f"{p}/query_loss_pre": sums[0] / sums[2], f"{p}/query_loss_post": sums[1] / sums[2]}
+        if cfg.trainer.test_exact_match_rows:
+            metrics[f"{p}/exact_match"] = sums[3] / sums[2]
+        return metrics
 
     # ------------------------------------------------------------------ the loop
     def _budget_spent(self, started: float, budget: float) -> bool:
@@ -288,7 +306,7 @@ class Trainer:
                             f"training stopped at meta-step {self.step}: non-finite loss or gradient for "
                             f"{self.nonfinite_streak} consecutive meta-steps (lower meta.inner_lr/meta.outer_lr, or "
                             f"use trainer.precision=fp32); last checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
-                    if held_out_due := (self.held_out_tasks and t.test_freq > 0
+                    if held_out_due := (self.eval_tasks and t.test_freq > 0
                                         and (self.step % t.test_freq == 0 or self.step == total)):
                         metrics.update(self.evaluate_held_out())
                     if want_logs or held_out_due:
@@ -379,8 +397,11 @@ class _ConsoleDisplay:
                          else f"query {metrics['query_loss_post']:.3f}")
         if metrics.get("loss") is not None:
             parts.append(f"loss {metrics['loss']:.3f}")
-        if metrics.get("heldout/query_loss_post") is not None:
-            parts.append(f"held-out {metrics['heldout/query_loss_pre']:.3f} → {metrics['heldout/query_loss_post']:.3f}")
+        for prefix, label in (("heldout", "held-out"), ("val", "validation")):
+            if metrics.get(f"{prefix}/query_loss_post") is not None:
+                parts.append(f"{label} {metrics[f'{prefix}/query_loss_pre']:.3f} → {metrics[f'{prefix}/query_loss_post']:.3f}")
+            if metrics.get(f"{prefix}/exact_match") is not None:
+                parts.append(f"exact match {metrics[f'{prefix}/exact_match']:.2f}")
         parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
         return " | ".join(parts)
 

@@ -44,12 +44,13 @@ class TaskEntry:
     response_key: str = "response"
     messages_key: str = "messages"
     held_out: bool = False
+    validation: bool = False  # held out, for choices (bench's adaptation lr), never for final scores
 
 
 @dataclass
 class TaskReport:
     name: str
-    held_out: bool
+    split: str
     read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     support: int = 0
@@ -100,8 +101,8 @@ def _task_entry(name: Any, entry: Any, path: Path) -> TaskEntry:
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2):
         raise ConfigError(f"{where}: max_samples={max_samples!r} must be an integer >= 2 or null")
     split = entry.get("split", "train")
-    if split not in ("train", "test"):
-        raise ConfigError(f"{where}: split={split!r} must be 'train' or 'test' (held out)")
+    if split not in ("train", "validation", "test"):
+        raise ConfigError(f"{where}: split={split!r} must be 'train', 'validation' or 'test' (both held out)")
     keys = {}
     for key in ("prompt_key", "response_key", "messages_key"):
         value = entry.get(key, TaskEntry.__dataclass_fields__[key].default)
@@ -113,7 +114,8 @@ def _task_entry(name: Any, entry: Any, path: Path) -> TaskEntry:
         input_files=[_resolve(f, path) for f in files],
         support_ratio=float(ratio),
         max_samples=max_samples,
-        held_out=split == "test",
+        held_out=split != "train",
+        validation=split == "validation",
         **keys,
     )
 
@@ -136,7 +138,7 @@ def _sha256(path: Path) -> str:
 
 
 def _collect(entry: TaskEntry, seed: int) -> tuple[list[Example], TaskReport]:
-    report = TaskReport(entry.name, entry.held_out)
+    report = TaskReport(entry.name, "validation" if entry.validation else "test" if entry.held_out else "train")
     examples: list[Example] = []
     for file in entry.input_files:
         rows = read_rows(file)
@@ -212,7 +214,7 @@ def prepare(
         report.support, report.query = n_support, n_query
         prepared.append(PreparedTask(
             name=entry.name, support=examples[:n_support], query=examples[n_support:n_support + n_query],
-            held_out=entry.held_out,
+            held_out=entry.held_out, validation=entry.validation,
             info={"rows_read": report.read, "dropped": dict(report.dropped),
                   "sources": [{"path": str(f), "sha256": _sha256(f)} for f in entry.input_files]}))
         reports.append(report)
@@ -230,7 +232,12 @@ class PreparedTask:
     support: list[Example]
     query: list[Example]
     held_out: bool = False
+    validation: bool = False  # held out, for choices only (implies held_out)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def split(self) -> str:
+        return "validation" if self.validation else "test" if self.held_out else "train"
 
 
 def write_prepared(output_dir: str | os.PathLike, tasks: list[PreparedTask], seed: int,
@@ -253,7 +260,8 @@ def write_prepared(output_dir: str | os.PathLike, tasks: list[PreparedTask], see
             manifest_tasks[task.name] = {
                 "support_file": f"{task.name}/support.parquet",
                 "query_file": f"{task.name}/query.parquet",
-                "held_out": task.held_out,
+                "held_out": task.held_out or task.validation,
+                "split": task.split,
                 "format": "messages" if task.support[0].is_multi_turn else "prompt_response",
                 "support_rows": len(task.support),
                 "query_rows": len(task.query),
@@ -264,7 +272,8 @@ def write_prepared(output_dir: str | os.PathLike, tasks: list[PreparedTask], see
             "seed": seed,
             "options": options,
             "train_tasks": [t.name for t in tasks if not t.held_out],
-            "held_out_tasks": [t.name for t in tasks if t.held_out],
+            "held_out_tasks": [t.name for t in tasks if t.split == "test"],
+            "validation_tasks": [t.name for t in tasks if t.split == "validation"],
             "tasks": manifest_tasks,
         }
         for name in manifest_tasks:

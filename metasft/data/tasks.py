@@ -31,6 +31,7 @@ class Task:
     support: list[Encoded]
     query: list[Encoded]
     held_out: bool = False
+    validation: bool = False  # held out, and used for choices and curves rather than final scores
     support_examples: list[Example] = field(default_factory=list, repr=False)
     query_examples: list[Example] = field(default_factory=list, repr=False)
 
@@ -60,6 +61,7 @@ def read_manifest_specs(tasks_dir: str | Path) -> list[TaskSpec]:
                 support_files=[str(root / entry["support_file"])],
                 query_files=[str(root / entry["query_file"])],
                 held_out=bool(entry.get("held_out", False)),
+                validation=entry.get("split") == "validation",
             ))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: not a valid metasft manifest ({type(exc).__name__}: {exc})") from exc
@@ -96,7 +98,8 @@ def load_task(spec: TaskSpec, data: DataConfig, tokenizer) -> Task:
         name=spec.name,
         support=sets["support"][1],
         query=sets["query"][1],
-        held_out=spec.held_out,
+        held_out=spec.held_out or spec.validation,
+        validation=spec.validation,
         support_examples=sets["support"][0],
         query_examples=sets["query"][0],
     )

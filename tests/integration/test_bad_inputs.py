@@ -127,7 +127,7 @@ CASES = {
     "bench: config missing": (lambda w: ["bench", "--config", str(w["root"] / "nobench.yaml")], "nobench.yaml: config file not found"),
     "bench: unknown key": (lambda w: ["bench", "--config", str(w["task_config"]({"base_model": "x", "tasks_dir": "y", "speed": 1}))], "speed: unknown config key"),
     # demo
-    "demo: zero budget": (lambda w: ["demo", "--budget", "0", "--out", str(w["root"] / "demo")], "--budget: 0.0 must be > 0"),
+    "demo: zero steps": (lambda w: ["demo", "--steps", "0", "--out", str(w["root"] / "demo")], "--steps: 0 must be >= 1"),
     "demo: unknown method": (lambda w: ["demo", "--methods", "fomaml,magic", "--out", str(w["root"] / "demo")], "unknown method 'magic'"),
 }
 
