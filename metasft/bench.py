@@ -437,14 +437,15 @@ def plot_training_curves(curves: dict[str, list[dict]], metric: str, path: Path)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    columns = ["method", "task", "n_shots", "seed", *METRICS, "adapt_lr", "adapt_seconds"]
+    # Wall times live in results.json: the CSV holds only what a seed determines, so two runs of
+    # the same command give the same file.
+    columns = ["method", "task", "n_shots", "seed", *METRICS, "adapt_lr"]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) and k not in ("adapt_seconds", "adapt_lr") else v)
-                             for k, v in row.items()})
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) and k != "adapt_lr" else v) for k, v in row.items()})
     os.replace(tmp, path)
 
 

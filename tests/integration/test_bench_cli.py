@@ -14,15 +14,17 @@ from metasft.cli import main
 from conftest import write_tasks
 
 
-def make_prepared_suite(root, n_train=4, n_held_out=2):
-    """A cipher-like suite in the prepared layout, written with `metasft prepare` from jsonl files."""
+def make_prepared_suite(root, n_train=4, n_held_out=2, n_validation=0):
+    """A cipher-like suite in the prepared layout, written with `metasft prepare` from jsonl files:
+    ``n_train`` tasks for training, then ``n_validation`` validation and ``n_held_out`` test tasks."""
     from conftest import cipher_rows
 
     config = {}
-    for t in range(n_train + n_held_out):
+    for t in range(n_train + n_validation + n_held_out):
         path = root / f"raw{t}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in cipher_rows(500 + t, 40)))
-        config[f"c{t}"] = {"input_file": str(path), "split": "test" if t >= n_train else "train"}
+        split = "train" if t < n_train else "validation" if t < n_train + n_validation else "test"
+        config[f"c{t}"] = {"input_file": str(path), "split": split}
     (root / "tasks.json").write_text(json.dumps(config))
     assert main(["prepare", "--config", str(root / "tasks.json"), "--output-dir", str(root / "data"),
                  "--support-size", "20", "--query-size", "10"]) == 0
@@ -117,8 +119,34 @@ def test_bench_writes_everything_and_is_reproducible(tmp_path, tiny_llama_dir, t
     config["output_dir"] = str(tmp_path / "bench2")
     (tmp_path / "bench2.yaml").write_text(yaml.safe_dump(config))
     assert main(["bench", "--config", str(tmp_path / "bench2.yaml")]) == 0
-    strip = lambda path: [{k: v for k, v in r.items() if k != "adapt_seconds"} for r in csv.DictReader(open(path))]  # noqa: E731
-    assert strip(out / "results.csv") == strip(tmp_path / "bench2" / "results.csv")
+    assert (out / "results.csv").read_text() == (tmp_path / "bench2" / "results.csv").read_text()
+
+
+def test_bench_chooses_each_adaptation_lr_on_validation_tasks_only(tmp_path, tiny_llama_dir):
+    data = make_prepared_suite(tmp_path, n_train=2, n_held_out=2, n_validation=2)
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["validation_tasks"] == ["c2", "c3"] and manifest["held_out_tasks"] == ["c4", "c5"]
+    grid = [0.01, 0.3, 3.0]
+    config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [2, 6], "seeds": [0],
+              "adapt": {"lr_grid": grid, "steps": 3, "batch_size": 4}, "metric": "query_loss",
+              "eval": {"generation": False}, "data": {"chat_template": "none"},
+              "methods": [{"name": "sft", "checkpoint": str(tiny_llama_dir)}], "output_dir": str(tmp_path / "b")}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
+    validation = list(csv.DictReader(open(tmp_path / "b" / "validation.csv")))
+    assert {r["task"] for r in rows} == {"c4", "c5"} and {r["task"] for r in validation} == {"c2", "c3"}
+    for method in ("base", "sft"):
+        for n_shots in ("2", "6"):
+            # The choice, recomputed from the validation rows: lowest mean query loss over tasks.
+            mean = {lr: sum(float(r["query_loss"]) for r in validation if r["method"] == method
+                            and r["n_shots"] == n_shots and float(r["adapt_lr"]) == lr) / 2 for lr in grid}
+            best = min(grid, key=mean.get)
+            used = {float(r["adapt_lr"]) for r in rows if r["method"] == method and r["n_shots"] == n_shots}
+            assert used == {best}, (method, n_shots, mean)
+    result = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(result["methods"]["sft"]["adapt_lr"]) == {"2", "6"}
+    assert "chosen per method and n_shots on 2 validation tasks" in (tmp_path / "b" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -128,6 +156,9 @@ def test_bench_writes_everything_and_is_reproducible(tmp_path, tiny_llama_dir, t
     ({"methods": [{"name": "x", "checkpoint": "/nope"}]}, "method x: /nope: no such checkpoint directory"),
     ({"colour": 1}, "colour: unknown config key"),
     ({"n_shots": [500]}, "n_shots: 500 exceeds task"),
+    ({"adapt": {"lr_grid": [0.1, 0.3]}}, "adapt.lr_grid: needs validation tasks"),
+    ({"held_out_tasks": ["c2"], "validation_tasks": ["c2"]}, "validation_tasks: task 'c2' is also in held_out_tasks"),
+    ({"validation_tasks": ["c0"], "adapt": {"lr_grid": [0.1]}}, "validation_tasks: task 'c0' is a meta-training task"),
 ])
 def test_bench_bad_config(tmp_path, tiny_llama_dir, change, needle, capsys):
     data = make_prepared_suite(tmp_path, 2, 1)

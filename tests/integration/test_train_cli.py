@@ -154,6 +154,30 @@ def test_train_logs_metrics_and_held_out_evaluation(tmp_path, tiny_llama_dir):
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
+def test_periodic_evaluation_uses_validation_tasks_only(tmp_path, tiny_llama_dir):
+    """With a validation task in the data, the run is watched on it alone (val/...), never on the
+    test tasks; its pre-adaptation loss is the checkpoint's loss on the validation query set."""
+    override = write_tasks(tmp_path / "tasks", 4, 6, 4, held_out=1)[0]
+    override = override.replace("task2/query.parquet], held_out: false", "task2/query.parquet], validation: true")
+    overrides = [override, "meta.meta_batch_size=2", "meta.inner_batch_size=3", "meta.query_batch_size=4",
+                 "meta.num_inner_steps=2", "meta.inner_lr=0.05", "meta.outer_lr=0.003", "trainer.total_training_steps=4",
+                 "trainer.test_freq=2", "trainer.test_exact_match_rows=3", "data.chat_template=none",
+                 "trainer.logger=[jsonl]", "trainer.device=cpu"]
+    run_train(tiny_llama_dir, tmp_path / "run", overrides)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "val/query_loss_post" in r]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    assert not any(key.startswith("heldout/") for r in records for key in r)
+    assert all(0.0 <= r["val/exact_match"] <= 1.0 for r in evaluated)
+    seconds = [r["train_seconds"] for r in records]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "step_4"), "--data",
+                 str(tmp_path / "tasks" / "task2" / "query.parquet"), "--no-generation",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    expected = json.loads((tmp_path / "eval.json").read_text())["query_loss"]
+    assert evaluated[-1]["val/query_loss_pre"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_sft_baseline_trains(tmp_path, tiny_llama_dir):
     overrides = write_tasks(tmp_path / "tasks", 3, 6, 4) + [
         "meta.meta_batch_size=3", "meta.inner_batch_size=4", "meta.outer_lr=0.01", "trainer.total_training_steps=4",
