@@ -156,6 +156,8 @@ def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int]
     from metasft.data.synthetic import generate_suite, pretraining_keys
     from metasft.errors import ConfigError
 
+    # Multi-task SFT is the baseline every verdict is about: always trained, on the same budget.
+    methods = list(dict.fromkeys(["sft", *methods]))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")

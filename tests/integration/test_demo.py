@@ -8,9 +8,8 @@ import pytest
 from metasft.cli import main
 
 
-def _exact_match(path, method: str, n_shots: str = "10") -> float:
-    values = [float(r["exact_match"]) for r in csv.DictReader(open(path))
-              if r["method"] == method and r["n_shots"] == n_shots]
+def _mean(path, method: str, metric: str, n_shots: str = "10") -> float:
+    values = [float(r[metric]) for r in csv.DictReader(open(path)) if r["method"] == method and r["n_shots"] == n_shots]
     return sum(values) / len(values)
 
 
@@ -29,18 +28,29 @@ def test_demo_same_seed_same_results_and_every_stage_written(tmp_path):
     assert set(result["training_curves"]) == {"sft", "fomaml"}
     assert (a / "training_curves.png").stat().st_size > 10_000 and (a / "validation.csv").is_file()
     assert "runs/pretrain/step_3" in result["config"]["base_model"]
-    # Another seed draws other keys.
-    assert main(args[:-1] + ["8", "--out", str(tmp_path / "c")]) == 0
-    other = json.loads((tmp_path / "c" / "data" / "manifest.json").read_text())
-    assert other["tasks"]["cipher_000"]["key"] != manifest["tasks"]["cipher_000"]["key"]
+
+
+def test_demo_seed_changes_the_suite_and_its_keys_exclude_the_pretraining_family(tmp_path):
+    from metasft.data.synthetic import generate_suite, pretraining_keys
+
+    keys = {}
+    for seed in (7, 8):
+        manifest = generate_suite(tmp_path / str(seed), num_tasks=230, num_held_out=30, num_validation=10,
+                                  support_size=5, query_size=5, seed=seed, exclude_keys=pretraining_keys())
+        keys[seed] = [tuple(map(int, t["key"].split())) for t in manifest["tasks"].values()]
+        assert not set(keys[seed]) & set(pretraining_keys())
+    assert keys[7] != keys[8]
 
 
 @pytest.mark.slow
 def test_fomaml_beats_multitask_sft_on_held_out_keys(tmp_path):
-    """The effect at a fixed step budget: FOMAML and SFT with equal forward/backward passes from the
-    pretrained base, each adapted at the lr its validation tasks chose; scored on unseen keys."""
+    """The effect at a fixed step budget: 300 FOMAML meta-steps and 1,800 SFT steps (equal
+    forward/backward passes) from the pretrained base, each adapted at the lr its validation tasks
+    chose; on 20 unseen keys FOMAML's post-adaptation query loss is lower by at least 0.5 nats per
+    token (measured margins on five seeds: docs/demo.md)."""
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "300", "--methods", "fomaml", "--n-shots", "10", "--seed", "11",
+    assert main(["demo", "--steps", "300", "--methods", "fomaml", "--n-shots", "10", "--seed", "1",
                  "--out", str(out)]) == 0
-    fomaml, sft = _exact_match(out / "results.csv", "fomaml"), _exact_match(out / "results.csv", "sft")
-    assert fomaml - sft >= 0.3, (fomaml, sft)
+    loss = {m: _mean(out / "results.csv", m, "query_loss") for m in ("fomaml", "sft")}
+    assert loss["sft"] - loss["fomaml"] >= 0.5, loss
+    assert _mean(out / "results.csv", "fomaml", "exact_match") - _mean(out / "results.csv", "sft", "exact_match") >= 0.3
