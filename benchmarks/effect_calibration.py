@@ -2,8 +2,10 @@
 
     python benchmarks/effect_calibration.py --seed 1 --fomaml-steps 500      # ~2.5 min idle, 2 cores
 
-Prints one JSON object. Written to calibrate a fixed-step test of the effect (issue: deterministic
-suite); the calibration below shows no such test is reliable yet, so this stays a script.
+Prints one JSON object. Written to calibrate a fixed-step test of the effect from a *randomly
+initialised* base; the calibration below shows that is not reliable. The demo's pretraining stage
+is what made it reliable (docs/demo.md; the fixed-step test is tests/integration/test_demo.py). This
+script is kept to reproduce the table.
 
 On the built-in cipher suite (raw text, ``data.chat_template=none``; every task a hidden 6-symbol
 key), FOMAML and multi-task SFT are trained from the same tiny Llama with the same number of

@@ -297,7 +297,8 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
                 validation_rows += trial
                 ranking.append((_mean(trial, cfg.metric), _mean(trial, "query_loss"), lr))
             sign = 1 if HIGHER_IS_BETTER[cfg.metric] else -1
-            chosen[n_shots] = max(ranking, key=lambda r: (sign * r[0], -r[1]))[2]
+            # A metric that was not computed (generation off) leaves the query loss to decide.
+            chosen[n_shots] = max(ranking, key=lambda r: (0.0 if math.isnan(r[0]) else sign * r[0], -r[1]))[2]
     rows = [score(task, n_shots, seed, chosen[n_shots])
             for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
     return rows, chosen, validation_rows

@@ -26,6 +26,7 @@ output directory so the benchmark can be re-run or changed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def pretrain_base(out: Path, seed: int, pretrain_steps: int, console) -> Path:
     console.print(f"pretraining the tiny base: {pretrain_steps} multi-task steps on the transform family "
                   f"(log: {run_dir}.log)", markup=False, highlight=False)
     with open(f"{run_dir}.log", "w", encoding="utf-8") as log:
-        code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     checkpoint = latest_checkpoint(run_dir)
     if code != 0 or checkpoint is None:
         raise MetasftError(f"demo: pretraining the base failed (exit {code}; log: {run_dir}.log)")
@@ -150,6 +151,7 @@ def pretrain_base(out: Path, seed: int, pretrain_steps: int, console) -> Path:
 
 def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int], seed: int = 0,
              pretrain_steps: int = 600) -> dict:
+    import torch
     from rich.console import Console
 
     from metasft.bench import load_bench_config, run_bench
@@ -180,6 +182,10 @@ def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int]
                   "' 3 2 4 5'", markup=False, highlight=False)
     base = pretrain_base(out, seed, pretrain_steps, console)
     bench_config = write_bench_config(out, base, steps, seed, methods, n_shots)
+    # One thread in every stage (pretraining, trainings, evaluation): a reduction split over another
+    # number of threads can round differently, and the same seed must print the same numbers on a
+    # machine with more cores.
+    torch.set_num_threads(1)
     result = run_bench(load_bench_config(bench_config), console=console)
     _verdict(result, console, min(n_shots))
     return result

@@ -213,8 +213,9 @@ class Trainer:
         path = None
         if self.env.is_main:
             state = {"sampler": self.sampler.state_dict(), "nonfinite_total": self.nonfinite_total,
-                     "nonfinite_streak": self.nonfinite_streak, "train_seconds": self.train_seconds, "algorithm": self.algorithm.name, "lora": self.lora,
-                     "fsdp": self.fsdp, "world_size": self.env.world_size}
+                     "nonfinite_streak": self.nonfinite_streak, "train_seconds": self.train_seconds,
+                     "algorithm": self.algorithm.name, "lora": self.lora, "fsdp": self.fsdp,
+                     "world_size": self.env.world_size}
             path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.cfg.to_yaml(),
                                    self.optimizer, state, keep=self.cfg.trainer.keep, model_state=model_state,
                                    optimizer_state=optimizer_state)
