@@ -71,7 +71,7 @@ METHODS: dict[str, tuple[str, dict, int]] = {
     "maml": ("maml", {"meta.num_inner_steps": MAML_K}, MAML_K + 1),
     # Adapters on every linear layer *and the output head*: without the head, 5 inner steps only
     # learnt to fall back to the key-agnostic prior (docs/demo.md).
-    "meta_lora": ("meta_lora", {"meta.outer_lr": 1e-2, "model.lora_rank": 16, "model.lora_alpha": 16,
+    "meta_lora": ("meta_lora", {"model.lora_rank": 16, "model.lora_alpha": 16,
                                 "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                          "down_proj", "lm_head"]}, K + 1),
 }
