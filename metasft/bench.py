@@ -388,8 +388,14 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
         ax.set_xlabel("n_shots (support examples)")
         ax.set_ylabel(name.replace("_", " ") + " on held-out query sets")
         ax.grid(alpha=0.3)
+    _finish_figure(fig, axes, "Few-shot adaptation on held-out tasks (mean and 95% interval over tasks × seeds)", path)
+
+
+def _finish_figure(fig, axes, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     axes[0].legend(fontsize=8)
-    fig.suptitle("Few-shot adaptation on held-out tasks (mean and 95% interval over tasks × seeds)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -430,11 +436,7 @@ def plot_training_curves(curves: dict[str, list[dict]], metric: str, path: Path)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{metric.replace('_', ' ')} after adaptation")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Training curves: validation tasks, adapted as during meta-training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_figure(fig, axes, "Training curves: validation tasks, adapted as during meta-training", path)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
