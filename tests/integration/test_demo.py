@@ -15,7 +15,7 @@ def _mean(path, method: str, metric: str, n_shots: str = "10") -> float:
 
 def test_demo_same_seed_same_results_and_every_stage_written(tmp_path):
     """A small budget twice with one seed: identical results.csv, whatever the machine's speed."""
-    args = ["demo", "--steps", "2", "--pretrain-steps", "3", "--methods", "fomaml", "--n-shots", "10", "--seed", "7"]
+    args = ["demo", "--steps", "2", "--pretrain-steps", "3", "--methods", "sft", "--n-shots", "10", "--seed", "7"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
@@ -23,11 +23,26 @@ def test_demo_same_seed_same_results_and_every_stage_written(tmp_path):
     manifest = json.loads((a / "data" / "manifest.json").read_text())
     assert (len(manifest["train_tasks"]), len(manifest["validation_tasks"]), len(manifest["held_out_tasks"])) == (200, 10, 20)
     result = json.loads((a / "results.json").read_text())
-    # Equal forward/backward passes: SFT's step is one pass per task, FOMAML's K + 1 = 6.
-    assert result["methods"]["fomaml"]["steps"] == 2 and result["methods"]["sft"]["steps"] == 12
-    assert set(result["training_curves"]) == {"sft", "fomaml"}
+    assert result["methods"]["sft"]["steps"] == 12  # 2 FOMAML meta-steps' passes: 2 × (K + 1)
+    assert set(result["training_curves"]) == {"sft"}
     assert (a / "training_curves.png").stat().st_size > 10_000 and (a / "validation.csv").is_file()
     assert "runs/pretrain/step_3" in result["config"]["base_model"]
+
+
+def test_demo_gives_every_method_the_same_forward_backward_passes(tmp_path):
+    from metasft.bench import load_bench_config, resolve_methods
+    from metasft.demo import METHODS, TASKS_PER_STEP, write_bench_config
+
+    (tmp_path / "data").mkdir()
+    cfg = load_bench_config(write_bench_config(tmp_path, tmp_path / "base", 300, 0, list(METHODS), [10]))
+    passes = {}
+    for method in resolve_methods(cfg, tmp_path, num_train_tasks=200)[1:]:  # [0] is the base model
+        train = method.train_config
+        per_task = {"sft": 1, "reptile": train.meta.num_inner_steps}.get(train.meta.algorithm,
+                                                                           train.meta.num_inner_steps + 1)
+        passes[method.name] = train.trainer.total_training_steps * TASKS_PER_STEP * per_task
+        assert train.meta.meta_batch_size == TASKS_PER_STEP and train.trainer.seed == 0
+    assert set(passes) == set(METHODS) and set(passes.values()) == {300 * TASKS_PER_STEP * 6}, passes
 
 
 def test_demo_seed_changes_the_suite_and_its_keys_exclude_the_pretraining_family(tmp_path):
