@@ -26,10 +26,7 @@ output directory so the benchmark can be re-run or changed.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -124,29 +121,25 @@ def write_bench_config(out: Path, base_model: Path, steps: int, seed: int, metho
 def pretrain_base(out: Path, seed: int, pretrain_steps: int, console) -> Path:
     """Build the tiny model and pretrain it (multi-task SFT) on the transform family; returns the
     checkpoint every method starts from."""
-    from metasft.checkpoint import latest_checkpoint
+    from metasft.bench import ResolvedMethod, train_methods
+    from metasft.config import load_config
     from metasft.data.synthetic import generate_pretraining_suite
-    from metasft.errors import MetasftError
     from metasft.tiny import save_tiny_model
 
     generate_pretraining_suite(out / "pretrain_data", seed=seed)
     save_tiny_model(out / "init_model", arch="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=128, seed=seed)
-    run_dir = out / "runs" / "pretrain"
-    args = [sys.executable, "-m", "metasft", "train", "--config-name", "sft",
-            f"model.partial_pretrain={out / 'init_model'}", f"meta.tasks_dir={out / 'pretrain_data'}",
-            f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={pretrain_steps}",
-            "trainer.logger=[jsonl]", "trainer.test_freq=-1", "data.chat_template=none", "data.max_length=64",
-            *[_override(k, v) for k, v in DEMO_TRAIN.items() if k != "trainer.test_exact_match_rows"],
-            f"trainer.seed={seed}"]
-    console.print(f"pretraining the tiny base: {pretrain_steps} multi-task steps on the transform family "
-                  f"(log: {run_dir}.log)", markup=False, highlight=False)
-    with open(f"{run_dir}.log", "w", encoding="utf-8") as log:
-        code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    checkpoint = latest_checkpoint(run_dir)
-    if code != 0 or checkpoint is None:
-        raise MetasftError(f"demo: pretraining the base failed (exit {code}; log: {run_dir}.log)")
-    return checkpoint
+    overrides = [f"model.partial_pretrain={out / 'init_model'}", f"meta.tasks_dir={out / 'pretrain_data'}",
+                 f"trainer.default_local_dir={out / 'runs' / 'pretrain'}",
+                 f"trainer.total_training_steps={pretrain_steps}", "trainer.logger=[jsonl]", "trainer.test_freq=-1",
+                 "data.chat_template=none", "data.max_length=64",
+                 *[_override(k, v) for k, v in DEMO_TRAIN.items() if k != "trainer.test_exact_match_rows"],
+                 f"trainer.seed={seed}"]
+    console.print(f"pretraining the tiny base: {pretrain_steps} multi-task steps on the transform family",
+                  markup=False, highlight=False)
+    pretrain = ResolvedMethod("pretrain", train_config=load_config(name="sft", overrides=overrides))
+    # One thread, like every other stage (see run_demo).
+    return train_methods([pretrain], out, parallel=1, threads=1, console=console)["pretrain"][0]
 
 
 def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int], seed: int = 0,

@@ -69,12 +69,12 @@ def generate_suite(output_dir: str | os.PathLike, num_tasks: int = 120, num_held
             seen.add(key)
             keys.append(key)
     all_inputs = list(itertools.product(range(symbols), repeat=length))
+    first_held_out = num_tasks - num_held_out
     tasks = []
     for index, key in enumerate(keys):
         name = f"cipher_{index:03d}"
         chosen = rng.choice(n_inputs, size=support_size + query_size, replace=False)
         examples = [cipher_example(list(key), list(all_inputs[i]), f"{name} row {j}") for j, i in enumerate(chosen)]
-        first_held_out = num_tasks - num_held_out
         tasks.append(PreparedTask(name=name, support=examples[:support_size], query=examples[support_size:],
                                   held_out=index >= first_held_out,
                                   validation=first_held_out <= index < first_held_out + num_validation,
