@@ -104,13 +104,15 @@ def _outer_config() -> Config:
 class MetaStepper:
     """One algorithm's meta-step, exactly as the trainer runs it (``run_meta_step``)."""
 
-    def __init__(self, model, algorithm: str, num_inner_steps: int, inner_lr: float = 0.05):
+    def __init__(self, model, algorithm: str, num_inner_steps: int, inner_lr: float = 0.05, tasks_per_pass: int = 1):
+        self.tasks_per_pass = tasks_per_pass  # 1: the sequential engine; more: task-batched passes
         self.algorithm = build_algorithm(MetaConfig(algorithm=algorithm))
         self.engine = InnerLoop(model, trainable_named_parameters(model), inner_lr, num_inner_steps)
         self.optimizer = build_optimizer(_outer_config(), self.engine.params)
 
     def __call__(self, episodes):
-        run_meta_step(self.engine, self.algorithm, episodes, len(episodes), self.optimizer, clip_grad=1.0)
+        run_meta_step(self.engine, self.algorithm, episodes, len(episodes), self.optimizer, clip_grad=1.0,
+                      tasks_per_pass=self.tasks_per_pass)
 
 
 def sft_floor(model, batches_per_task: list[list[dict]], lr: float = 0.05):

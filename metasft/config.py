@@ -72,6 +72,13 @@ class MetaConfig:
     meta_batch_size: int = _f(4, "Tasks per meta-step (sampled without replacement when <= the number of tasks).")
     inner_batch_size: int = _f(8, "Support examples per inner step (the whole support set when at least its size).")
     query_batch_size: int = _f(8, "Query examples per task for the meta-loss (the whole query set when at least its size).")
+    task_batching: Union[bool, Literal["auto"]] = _f(
+        "auto", "Adapt the tasks of a meta-step together in one batched pass (torch.func.vmap over per-task "
+                "weights): true, false, or auto = on for maml/fomaml/reptile when a pass gets >= 2 tasks and "
+                "nothing rules it out (FSDP, activation checkpointing), else off. Same meta-gradient to rounding.")
+    tasks_per_pass: Optional[int] = _f(None, "With task batching: at most this many tasks per batched pass (null = all "
+                                             "of a rank's tasks). Full-weight batching holds one copy of the weights "
+                                             "per task in a pass; lower this to trade speed for memory.")
     tasks: list[TaskSpec] = _f([], "Tasks listed explicitly: name, support_files, query_files, held_out.")
     tasks_dir: Optional[str] = _f(None, "A directory written by `metasft prepare` (uses its manifest.json).")
 
@@ -157,6 +164,12 @@ class Config:
         _at_least("meta.num_inner_steps", meta.num_inner_steps, 1 if meta.algorithm == "reptile" else 0)
         for key in ("meta_batch_size", "inner_batch_size", "query_batch_size"):
             _at_least(f"meta.{key}", getattr(meta, key), 1)
+        if meta.tasks_per_pass is not None:
+            _at_least("meta.tasks_per_pass", meta.tasks_per_pass, 1)
+        if meta.task_batching is True:
+            reason = task_batching_conflict(self)
+            if reason:
+                raise ConfigError(f"meta.task_batching=true: {reason}; set it to auto or false")
         if meta.inner_optimizer == "adam" and meta.algorithm != "reptile":
             raise ConfigError(f"meta.inner_optimizer=adam is only defined for reptile, not {meta.algorithm}")
         if meta.tasks and meta.tasks_dir:
@@ -217,6 +230,18 @@ class Config:
             raise ConfigError(f"trainer.device: {trainer.device!r} is not auto, cpu, cuda or cuda:N")
         if not trainer.resume_mode:
             raise ConfigError("trainer.resume_mode: empty; use auto, disable or a checkpoint path")
+
+
+def task_batching_conflict(cfg: "Config") -> str | None:
+    """Why the tasks of a meta-step cannot adapt in one batched pass under ``cfg`` (None: they can)."""
+    if cfg.meta.algorithm == "sft":
+        return "sft has no inner loop to batch (its tasks already share one batch per step)"
+    if cfg.model.use_fsdp:
+        return "not supported under FSDP (model.use_fsdp), whose ranks share every task's batch"
+    if cfg.model.enable_gradient_checkpointing:
+        return ("activation checkpointing recomputes with the module's own weights, not the per-task "
+                "weights of a batched pass")
+    return None
 
 
 def validate_task_name(name: str, key: str) -> None:

@@ -35,10 +35,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of ``model`` on ``batch``. A batch without ``attention_mask``/``position_ids`` (the
+    task-batched path's stacked batches) is plain causal attention from position 0, which gives
+    right-padded rows exactly the logits the mask would at every non-padding position."""
     return model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
         use_cache=False,
     ).logits
 

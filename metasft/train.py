@@ -67,16 +67,43 @@ def learning_rate(cfg: Config, step: int) -> float:
     return base * (1 - (1 - floor) * progress)
 
 
+def resolve_tasks_per_pass(cfg: Config) -> tuple[int, str]:
+    """How many tasks adapt together in one pass (1 = the sequential engine), and why.
+
+    ``meta.task_batching: auto`` batches whenever it is supported (see
+    :func:`~metasft.config.task_batching_conflict`): benchmarks/run.py measured the batched pass
+    faster at 2 and more tasks on every model and algorithm it times (docs/benchmarks.md), and a
+    single task always runs sequentially, so nothing gets slower. ``true`` with a conflict was
+    already refused by config validation."""
+    from metasft.config import task_batching_conflict
+
+    if cfg.meta.task_batching is False:
+        return 1, "meta.task_batching=false"
+    conflict = task_batching_conflict(cfg)
+    if conflict:
+        return 1, conflict
+    return cfg.meta.tasks_per_pass or cfg.meta.meta_batch_size, ""
+
+
 def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimizer: torch.optim.Optimizer,
-                  clip_grad: float | None, want_pre: bool = False, sharded: bool = False, world_size: int = 1) -> dict:
+                  clip_grad: float | None, want_pre: bool = False, sharded: bool = False, world_size: int = 1,
+                  tasks_per_pass: int = 1) -> dict:
     """One meta-step on this rank's episodes: every task adds its contribution to the meta-gradient,
     which is all-reduced (task-parallel), checked to be finite, clipped, written to ``.grad`` and
-    applied by the outer optimizer. θ is restored before the step; returns the step's metrics and
+    applied by the outer optimizer. Tasks go through the algorithm ``tasks_per_pass`` at a time
+    (1: one after another). θ is restored before the step; returns the step's metrics and
     ``applied`` (False when a non-finite loss or gradient made it skip)."""
     weight = algorithm.task_weight(num_tasks)
     engine.snapshot()
     engine.zero_meta_grad()
-    task_metrics = [algorithm.run_task(engine, ep, weight, want_pre=want_pre) for ep in episodes]
+    task_metrics = []
+    for start in range(0, len(episodes), tasks_per_pass):
+        chunk = episodes[start:start + tasks_per_pass]
+        if len(chunk) == 1:
+            task_metrics.append(algorithm.run_task(engine, chunk[0], weight, want_pre=want_pre))
+        else:
+            engine.restore()  # a sequential task before may have left adapted weights in the model
+            task_metrics += algorithm.run_batch(engine, engine.stack(chunk), weight, want_pre=want_pre)
     engine.restore()
     if not sharded:  # under FSDP the gradients arrived already reduced, sharded like θ
         distributed.all_reduce_sum_(engine.meta_grad)
@@ -163,6 +190,7 @@ class Trainer:
 
             self.engine.before_param_write = lambda: reshard_all(self.model)
         self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params])
+        self.tasks_per_pass, self.batching_off_reason = resolve_tasks_per_pass(cfg)
         self.step = 0
         self._signal = 0
         self.nonfinite_total = 0
@@ -232,7 +260,8 @@ class Trainer:
         mine = (lambda ids: ids) if self.fsdp else (lambda ids: distributed.shard(ids, self.env))
         episodes, num_tasks = self.sampler.episodes(self.step, mine=mine)
         result = run_meta_step(self.engine, self.algorithm, episodes, num_tasks, self.optimizer, cfg.optim.clip_grad,
-                               want_pre=want_logs, sharded=self.fsdp, world_size=self.env.world_size)
+                               want_pre=want_logs, sharded=self.fsdp, world_size=self.env.world_size,
+                               tasks_per_pass=self.tasks_per_pass)
         if result.pop("applied"):
             self.nonfinite_streak = 0
         else:
@@ -450,6 +479,10 @@ def _train(cfg: Config, env: distributed.DistEnv) -> Path | None:
         print(f"metasft: {cfg.meta.algorithm} on {len(trainer.train_tasks)} tasks "
               f"({len(trainer.held_out_tasks)} held out); parameters {total:,} total, {trainable:,} meta-learned"
               f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", flush=True)
+        if trainer.tasks_per_pass > 1:
+            print(f"metasft: task batching on: up to {trainer.tasks_per_pass} tasks per batched pass", flush=True)
+        elif trainer.algorithm.episodic:
+            print(f"metasft: task batching off ({trainer.batching_off_reason})", flush=True)
     last = trainer.fit()
     # Every rank has finished its last collective before any rank tears its connections down.
     distributed.barrier()

@@ -7,7 +7,7 @@ outer optimizer, clipping, schedule, all-reduce, logging, checkpointing — live
 
 from __future__ import annotations
 
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMetrics
 
 
 class MetaAlgorithm:
@@ -26,3 +26,12 @@ class MetaAlgorithm:
 
         On return the model's parameters may hold adapted weights; the caller restores θ."""
         raise NotImplementedError
+
+    def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
+        """``run_task`` for the T tasks of ``batch`` in one batched pass (``meta.task_batching``):
+        the same contributions, to floating-point rounding. Leaves θ untouched."""
+        raise NotImplementedError(f"{self.name} has no task-batched form")
+
+    @staticmethod
+    def new_metrics(batch: TaskBatch) -> list[TaskMetrics]:
+        return [TaskMetrics(ep.task) for ep in batch.episodes]

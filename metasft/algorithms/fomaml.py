@@ -8,8 +8,10 @@ With LoRA on (``model.lora_rank > 0``) this is META-LoRA: θ is only the adapter
 
 from __future__ import annotations
 
+import torch
+
 from metasft.algorithms.base import MetaAlgorithm
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _tokens
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMetrics, _tokens
 
 
 class FOMAML(MetaAlgorithm):
@@ -25,4 +27,17 @@ class FOMAML(MetaAlgorithm):
         metrics.query_loss_post = float(query_loss.detach())
         metrics.tokens += _tokens(episode.query_batch)
         engine.accumulate(engine.grad(query_loss), weight)
+        return metrics
+
+    def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
+        metrics = self.new_metrics(batch)
+        if want_pre:
+            with torch.no_grad():
+                engine.record_query_losses(batch, metrics, engine.batched_losses(None, batch.query),
+                                           "query_loss_pre", count_tokens=False)
+        adapted = engine.adapt_batched(batch, metrics)
+        query_losses = engine.batched_losses(adapted, batch.query)
+        engine.record_query_losses(batch, metrics, query_losses, "query_loss_post", count_tokens=True)
+        grads = engine.grad(query_losses.sum(), list(adapted.values()))  # [T, ...]: task t's in slice t
+        engine.accumulate([g.sum(0) for g in grads], weight)
         return metrics

@@ -12,7 +12,11 @@ are made of:
 * ``adapt_functional(support_batches)`` — the same K steps as a differentiable function of θ through
   ``torch.func.functional_call`` (second-order MAML);
 * ``loss(batch, weights=None)`` — the §2.3 token-mean loss, at the model's weights or at ``weights``;
-* ``grad(loss, wrt)`` — gradients as a list aligned with θ (zeros where unused).
+* ``grad(loss, wrt)`` — gradients as a list aligned with θ (zeros where unused);
+* ``stack(episodes)`` / ``batched_losses`` / ``adapt_batched`` — the same adaptation for T tasks at
+  once (``meta.task_batching``): per-task weights stacked along a new first dimension and one
+  ``torch.func.vmap`` over ``functional_call`` per inner step, so T tasks cost one pass of T-times
+  larger operations instead of T passes (see "Task batching" below).
 
 Each algorithm then adds its task's contribution into ``meta_grad``; the trainer all-reduces it,
 writes it to ``.grad`` and steps the outer optimizer.
@@ -25,8 +29,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
+from metasft.data.collate import IGNORE_INDEX
 from metasft.distributed import has_dtensors
 from metasft.losses import lm_loss
 
@@ -42,6 +47,43 @@ class Episode:
     support_batches: list[Batch]
     query_batch: Batch | None = None
     num_targets: int | None = None  # global token count to normalise by (SFT baseline)
+
+
+@dataclass
+class TaskBatch:
+    """The episodes of T tasks stacked for one batched pass: each inner step's support batches and
+    the query batches, padded to common shapes ``[T, rows, length]`` (see :func:`stack_batches`)."""
+
+    episodes: list[Episode]
+    support: list[Batch]
+    query: Batch | None
+
+    @property
+    def size(self) -> int:
+        return len(self.episodes)
+
+
+def stack_batches(batches: list[Batch]) -> Batch:
+    """Stack T tasks' collated batches into ``input_ids``/``labels`` of shape ``[T, rows, length]``.
+
+    Rows and lengths differ between tasks, so shorter rows are right-padded further and missing
+    rows are added, all with label ``IGNORE_INDEX``: every task keeps exactly its own targets, and
+    its loss its own normalisation (SPEC §2.3). No attention mask is passed: collated rows are
+    right-padded, and under causal attention a token never sees a later one, so the padding (any
+    token id: 0 here) changes no logit at a real position, the same logits the masked sequential
+    pass computes."""
+    if any("global_num_targets" in b for b in batches):
+        raise ValueError("task batching needs whole per-task batches, not FSDP row shards")
+    rows = max(b["input_ids"].shape[0] for b in batches)
+    length = max(b["input_ids"].shape[1] for b in batches)
+    first = batches[0]["input_ids"]
+    input_ids = first.new_zeros((len(batches), rows, length))
+    labels = first.new_full((len(batches), rows, length), IGNORE_INDEX)
+    for t, b in enumerate(batches):
+        r, n = b["input_ids"].shape
+        input_ids[t, :r, :n] = b["input_ids"]
+        labels[t, :r, :n] = b["labels"]
+    return {"input_ids": input_ids, "labels": labels}
 
 
 @dataclass
@@ -142,11 +184,15 @@ class InnerLoop:
             param.grad = grad
 
     # ------------------------------------------------------------------ losses and gradients
-    def _context(self, double_backward: bool = False):
+    def _context(self, double_backward: bool = False, vmapped: bool = False):
         stack = contextlib.ExitStack()
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype))
-        if double_backward and self.force_math_attention:
+        if vmapped and self.autocast_dtype is not None:
+            stack.enter_context(_AutocastAttention(self.autocast_dtype))
+        # Under vmap the math kernel too: the fused kernels' backward has no batching rule, and
+        # vmap would fall back to a slow per-task loop for it.
+        if (double_backward and self.force_math_attention) or vmapped:
             # Fused SDPA kernels (flash, memory-efficient, CPU flash) have no double backward;
             # the math kernel is plain differentiable ops, so second-order MAML stays exact.
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -215,11 +261,123 @@ class InnerLoop:
         return weights
 
 
-def _record_inner_step(metrics: TaskMetrics | None, step: int, batch: Batch, loss: torch.Tensor) -> None:
+    # ------------------------------------------------------------------ task batching
+    # T tasks adapt together: each meta-parameter becomes a [T, ...] stack of per-task weights, and
+    # one vmap over functional_call computes the T losses of an inner step, [T]. The gradient of
+    # their *sum* with respect to the stack is, slice by slice, each task's own gradient (task t's
+    # loss depends only on slice t), so every update below is the sequential update, T at a time.
+    # Under LoRA only the adapters are stacked; the frozen base is shared and its matmuls batch
+    # over all T tasks' rows. θ itself is never written to.
+
+    def stack(self, episodes: list[Episode]) -> TaskBatch:
+        num_steps = len(episodes[0].support_batches)
+        support = [stack_batches([ep.support_batches[k] for ep in episodes]) for k in range(num_steps)]
+        query = None
+        if all(ep.query_batch is not None for ep in episodes):
+            query = stack_batches([ep.query_batch for ep in episodes])
+        return TaskBatch(episodes, support, query)
+
+    def batched_losses(self, weights: dict[str, torch.Tensor] | None, batch: Batch,
+                       double_backward: bool = False) -> torch.Tensor:
+        """The §2.3 loss of each task, ``[T]``: task t's batch at its weights ``weights[name][t]``
+        (or at θ, shared by every task, when ``weights`` is None)."""
+        with self._context(double_backward, vmapped=True):
+            if weights is None:
+                return vmap(lambda b: lm_loss(self.model, b), randomness="different")(batch)
+            return vmap(lambda w, b: lm_loss(_FunctionalModel(self.model, w), b), randomness="different")(weights, batch)
+
+    def adapt_batched(self, batch: TaskBatch, metrics: list[TaskMetrics], create_graph: bool = False,
+                      inner_optimizer: str = "sgd") -> dict[str, torch.Tensor]:
+        """K inner steps of T tasks at once; returns φ_K stacked ``[T, ...]`` per meta-parameter.
+
+        ``create_graph`` (MAML): φ stays a differentiable function of θ. Otherwise each φ is a
+        detached leaf that requires grad (first order). ``inner_optimizer="adam"`` (Reptile) runs
+        ``torch.optim.Adam``'s update with default hyperparameters and fresh moments per task."""
+        size = batch.size
+        if create_graph:
+            weights = {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in zip(self.names, self.params)}
+        else:
+            weights = {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_()
+                       for n, p in zip(self.names, self.params)}
+        adam = _StackedAdam(self.inner_lr) if inner_optimizer == "adam" else None
+        for step, support in enumerate(batch.support):
+            losses = self.batched_losses(weights, support, double_backward=create_graph)
+            for value, m, ep in zip(losses.detach().tolist(), metrics, batch.episodes):
+                _record_inner_step(m, step, ep.support_batches[step], value)
+            grads = self.grad(losses.sum(), list(weights.values()), create_graph=create_graph)
+            if create_graph:
+                weights = {n: torch.add(w, g, alpha=-self.inner_lr) for (n, w), g in zip(weights.items(), grads)}
+                continue
+            with torch.no_grad():
+                if adam is None:
+                    new = [torch.add(w, g, alpha=-self.inner_lr) for w, g in zip(weights.values(), grads)]
+                else:
+                    new = adam.step(list(weights.values()), grads)
+            weights = {n: w.requires_grad_() for n, w in zip(weights, new)}
+        return weights
+
+    def record_query_losses(self, batch: TaskBatch, metrics: list[TaskMetrics], losses: torch.Tensor,
+                            attribute: str, count_tokens: bool) -> None:
+        for value, m, ep in zip(losses.detach().tolist(), metrics, batch.episodes):
+            setattr(m, attribute, value)
+            if count_tokens:
+                m.tokens += _tokens(ep.query_batch)
+
+
+class _AutocastAttention(torch.overrides.TorchFunctionMode):
+    """Casts ``scaled_dot_product_attention``'s query, key and value to the autocast dtype.
+
+    Outside vmap, autocast does this itself. Under vmap (torch 2.13) it does not reach the op: after
+    a fp32 rotary embedding, bf16 runs reach it with fp32 query/key and a bf16 value, which it
+    refuses. Linear layers and matmuls are still autocast under vmap (checked), so this restores
+    exactly what the sequential bf16 pass computes."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and torch.is_autocast_enabled(_device_type(args)):
+            args = tuple(a.to(self.dtype) if i < 3 and torch.is_tensor(a) else a for i, a in enumerate(args))
+            kwargs = {k: v.to(self.dtype) if k in ("query", "key", "value") and torch.is_tensor(v) else v
+                      for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _device_type(args) -> str:
+    return args[0].device.type if args and torch.is_tensor(args[0]) else "cpu"
+
+
+class _StackedAdam:
+    """``torch.optim.Adam(lr)`` (betas 0.9/0.999, eps 1e-8, no weight decay) on stacked per-task
+    weights: the update is elementwise, so stacking T tasks' moments is T independent Adams."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.steps, self.exp_avg, self.exp_avg_sq = 0, None, None
+
+    def step(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        beta1, beta2 = self.betas
+        if self.exp_avg is None:
+            self.exp_avg = [torch.zeros_like(g) for g in grads]
+            self.exp_avg_sq = [torch.zeros_like(g) for g in grads]
+        self.steps += 1
+        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        out = []
+        for w, g, m, v in zip(weights, grads, self.exp_avg, self.exp_avg_sq):
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+            out.append(torch.addcdiv(w.detach(), m, denom, value=-self.lr / bias1))
+        return out
+
+
+def _record_inner_step(metrics: TaskMetrics | None, step: int, batch: Batch, loss: torch.Tensor | float) -> None:
     if metrics is None:
         return
     metrics.tokens += _tokens(batch)
-    value = float(loss.detach())
+    value = loss if isinstance(loss, float) else float(loss.detach())
     if step == 0:
         metrics.support_loss_first = value
     if not math.isfinite(value):

@@ -13,8 +13,10 @@ checkpointing is refused (recomputation would not see the functional weights).
 
 from __future__ import annotations
 
+import torch
+
 from metasft.algorithms.base import MetaAlgorithm
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _tokens
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMetrics, _tokens
 
 
 class MAML(MetaAlgorithm):
@@ -30,4 +32,17 @@ class MAML(MetaAlgorithm):
         metrics.query_loss_post = float(query_loss.detach())
         metrics.tokens += _tokens(episode.query_batch)
         engine.accumulate(engine.grad(query_loss), weight)  # ∇ w.r.t. θ, through the inner loop
+        return metrics
+
+    def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
+        metrics = self.new_metrics(batch)
+        if want_pre:
+            with torch.no_grad():
+                engine.record_query_losses(batch, metrics, engine.batched_losses(None, batch.query),
+                                           "query_loss_pre", count_tokens=False)
+        # φ starts as θ broadcast to T copies, so the backward pass sums the T tasks' paths into θ.
+        adapted = engine.adapt_batched(batch, metrics, create_graph=True)
+        query_losses = engine.batched_losses(adapted, batch.query)
+        engine.record_query_losses(batch, metrics, query_losses, "query_loss_post", count_tokens=True)
+        engine.accumulate(engine.grad(query_losses.sum()), weight)
         return metrics

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from metasft.algorithms.base import MetaAlgorithm
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics
+from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMetrics
 
 
 class Reptile(MetaAlgorithm):
@@ -36,4 +36,22 @@ class Reptile(MetaAlgorithm):
         # meta_grad += weight·(θ − φ), as two in-place adds: no parameter-sized temporaries.
         engine.accumulate(engine.theta, weight)
         engine.accumulate(engine.params, -weight)
+        return metrics
+
+    def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
+        metrics = self.new_metrics(batch)
+        with_query = want_pre and batch.query is not None
+        if with_query:
+            with torch.no_grad():
+                engine.record_query_losses(batch, metrics, engine.batched_losses(None, batch.query),
+                                           "query_loss_pre", count_tokens=False)
+        adapted = engine.adapt_batched(batch, metrics, inner_optimizer=self.inner_optimizer)
+        with torch.no_grad():
+            if with_query:
+                engine.record_query_losses(batch, metrics, engine.batched_losses(adapted, batch.query),
+                                           "query_loss_post", count_tokens=False)
+            # Σ_t (θ − φ_t), differences first: θ − φ is small next to θ, and subtracting per task
+            # keeps its rounding relative to the difference.
+            engine.accumulate([(theta.unsqueeze(0) - phi).sum(0) for theta, phi in zip(engine.params, adapted.values())],
+                              weight)
         return metrics
