@@ -19,7 +19,17 @@ batches; peak memory is peak RSS of fresh subprocesses. Everything runs on the C
 - ``padding_speedup``: training tokens/s with dynamic padding over padding to max_length on a
   long-tailed length distribution;
 - ``generate_batched_speedup``: rows/s of batched KV-cache generation (batch 16) over one row at a time;
-- ``scaling``: meta-step time against num_inner_steps and meta_batch_size, with linear fits.
+- ``scaling``: meta-step time against num_inner_steps and meta_batch_size, with linear fits;
+- ``batched_over_sequential_demo``: FOMAML meta-steps/s with ``meta.task_batching`` over the sequential
+  engine, on the demo's model (2 layers, 64 wide) and shapes (4 tasks, K=5, 10 rows of ~11 tokens);
+  ``..._by_algorithm`` adds Reptile and MAML, ``..._one_thread`` the single thread the demo runs on;
+  ``batched_bound_demo`` is sequential time over the same passes done as *one plain pass* of all the
+  tasks' rows through shared weights — what no batching of per-task weights can beat;
+- ``batched_over_sequential_bench``: the same on the benchmark model, the lower of 4 and 16 tasks
+  (both in ``..._by_tasks``); ``batched_over_sequential_single``: one task per meta-step with the
+  trainer's default (``auto``) over the sequential engine;
+- ``batched_mem_over_sequential``: peak memory of a batched meta-step over a sequential one (FOMAML,
+  full weights, 4 tasks; MAML in ``..._maml``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch
 
 from metasft.algorithms import Episode, InnerLoop, build_algorithm
+from metasft.algorithms.inner_loop import stack_batches
 from metasft.config import Config, MetaConfig, ModelConfig
 from metasft.data.collate import collate
 from metasft.data.formatting import Example
@@ -49,9 +60,10 @@ from metasft.evaluate import _prompt_ids, generate
 from metasft.losses import lm_loss
 from metasft.model import apply_lora, count_parameters, trainable_named_parameters
 from metasft.tiny import build_tiny_model, build_tokenizer
-from metasft.train import build_optimizer, run_meta_step
+from metasft.train import build_optimizer, resolve_tasks_per_pass, run_meta_step
 
 MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512)
+DEMO_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 
 
 def build(lora: bool = False):
@@ -72,11 +84,13 @@ def cipher_rows(rng: np.random.Generator, n: int, length: int = 12) -> list[Exam
     return rows
 
 
-def make_episodes(tokenizer, num_tasks: int, num_inner_steps: int, batch_size: int = 8, seed: int = 0) -> list[Episode]:
+def make_episodes(tokenizer, num_tasks: int, num_inner_steps: int, batch_size: int = 8, seed: int = 0,
+                  digits: int = 12) -> list[Episode]:
     rng = np.random.default_rng(seed)
     episodes = []
     for t in range(num_tasks):
-        rows = encode_examples(cipher_rows(rng, batch_size * (num_inner_steps + 1)), tokenizer, 256, chat_template="none")
+        rows = encode_examples(cipher_rows(rng, batch_size * (num_inner_steps + 1), digits), tokenizer, 256,
+                               chat_template="none")
         batches = [collate(rows[i * batch_size:(i + 1) * batch_size], tokenizer.pad_token_id)
                    for i in range(num_inner_steps + 1)]
         episodes.append(Episode(task=f"t{t}", support_batches=batches[:-1], query_batch=batches[-1]))
@@ -206,6 +220,71 @@ def step_ratios(repeats: int) -> dict:
     return out
 
 
+def folded_passes(model, episodes):
+    """The bound for task batching: the K+1 passes of a meta-step done as plain forward+backward
+    passes over all tasks' rows at once, through *shared* weights (SGD update)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = [e.support_batches + [e.query_batch] for e in episodes]
+    folded = []
+    for k in range(len(steps[0])):
+        stacked = stack_batches([s[k] for s in steps])
+        folded.append({name: t.reshape(-1, t.shape[-1]) for name, t in stacked.items()})
+
+    def run():
+        for batch in folded:
+            grads = torch.autograd.grad(lm_loss(model, batch), params)
+            with torch.no_grad():
+                torch._foreach_add_(params, grads, alpha=-0.05)
+    return run
+
+
+def task_batching(rounds: int) -> dict:
+    tokenizer = build_tokenizer()
+    demo_model = build_tiny_model(tokenizer, arch="llama", **DEMO_MODEL)
+    demo_model.train()
+    K = 5
+    demo_episodes = make_episodes(tokenizer, 4, K, batch_size=10, digits=4)  # the demo's rows: ~11 tokens
+    pairs = {}
+    for algorithm in ("fomaml", "reptile", "maml"):
+        sequential, batched = MetaStepper(demo_model, algorithm, K), MetaStepper(demo_model, algorithm, K, tasks_per_pass=4)
+        pairs[algorithm] = (lambda s=sequential: s(demo_episodes), lambda b=batched: b(demo_episodes))
+    fomaml_sequential = pairs["fomaml"][0]
+    pairs["bound"] = (fomaml_sequential, folded_passes(demo_model, demo_episodes))
+    ratios, seconds = paired_ratios(pairs, rounds)
+    out = {"batched_over_sequential_demo": ratios["fomaml"],
+           "batched_over_sequential_demo_by_algorithm": {a: ratios[a] for a in ("fomaml", "reptile", "maml")},
+           "batched_bound_demo": ratios["bound"],
+           "batched_seconds_demo": {a: {"sequential": seconds[a]["a"], "batched": seconds[a]["b"]}
+                                    for a in ("fomaml", "reptile", "maml")}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, _ = paired_ratios({"r": pairs["fomaml"]}, rounds)
+    finally:
+        torch.set_num_threads(threads)
+    out["batched_over_sequential_demo_one_thread"] = one["r"]
+
+    single = make_episodes(tokenizer, 1, K, batch_size=10, digits=4)
+    cfg = Config()
+    cfg.meta.meta_batch_size = 1
+    default, _ = resolve_tasks_per_pass(cfg)
+    auto, sequential = MetaStepper(demo_model, "fomaml", K, tasks_per_pass=default), MetaStepper(demo_model, "fomaml", K)
+    ratio, _ = paired_ratios({"r": (lambda: sequential(single), lambda: auto(single))}, rounds)
+    out["batched_over_sequential_single"] = ratio["r"]
+
+    _, model = build()
+    by_tasks = {}
+    for tasks in (4, 16):
+        episodes = make_episodes(tokenizer, tasks, K)
+        sequential, batched = MetaStepper(model, "fomaml", K), MetaStepper(model, "fomaml", K, tasks_per_pass=tasks)
+        ratio, timed = paired_ratios({"r": (lambda: sequential(episodes), lambda: batched(episodes))},
+                                     max(3, rounds // (tasks // 4)))
+        by_tasks[str(tasks)] = {"ratio": ratio["r"], "sequential_s": timed["r"]["a"], "batched_s": timed["r"]["b"]}
+    out["batched_over_sequential_bench"] = min(v["ratio"] for v in by_tasks.values())
+    out["batched_over_sequential_bench_by_tasks"] = by_tasks
+    return out
+
+
 def maml_by_inner_steps(repeats: int, quick: bool) -> dict:
     """maml_over_fomaml against K, beside the matmul bound of exact second order at that K."""
     tokenizer, model = build()
@@ -282,7 +361,8 @@ def generation_speedup(repeats: int) -> dict:
 # ----------------------------------------------------------------------------- memory (subprocesses)
 
 def memory_probe(kind: str) -> dict:
-    """Run in a fresh process: peak memory of two steps of ``kind`` (sft | fomaml | maml | fomaml_lora)."""
+    """Run in a fresh process: peak memory of two steps of ``kind`` (sft | fomaml | maml | fomaml_lora |
+    fomaml_batched | maml_batched)."""
     import gc
 
     tokenizer, model = build(lora=kind == "fomaml_lora")
@@ -303,7 +383,8 @@ def memory_probe(kind: str) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
     else:
-        stepper = MetaStepper(model, kind.replace("_lora", ""), 5)
+        algorithm = kind.replace("_lora", "").replace("_batched", "")
+        stepper = MetaStepper(model, algorithm, 5, tasks_per_pass=4 if kind.endswith("_batched") else 1)
         for _ in range(2):
             stepper(episodes)
     peak = _proc_status_kib("VmHWM")
@@ -327,7 +408,7 @@ def memory_ratios() -> dict:
                               check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    kinds = ("sft", "fomaml", "maml", "fomaml_lora")
+    kinds = ("sft", "fomaml", "maml", "fomaml_lora", "fomaml_batched", "maml_batched")
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(kinds, pool.map(probe, kinds)))
     peak = {k: v["peak_rss_mib"] for k, v in results.items()}
@@ -338,6 +419,10 @@ def memory_ratios() -> dict:
         "lora_over_full_memory": peak["fomaml_lora"] / peak["fomaml"],
         "delta_fomaml_over_sft": delta["fomaml"] / max(delta["sft"], 1e-9),
         "delta_maml_over_sft": delta["maml"] / max(delta["sft"], 1e-9),
+        "batched_mem_over_sequential": peak["fomaml_batched"] / peak["fomaml"],
+        "batched_mem_over_sequential_maml": peak["maml_batched"] / peak["maml"],
+        "delta_batched_over_sequential": delta["fomaml_batched"] / max(delta["fomaml"], 1e-9),
+        "delta_batched_over_sequential_maml": delta["maml_batched"] / max(delta["maml"], 1e-9),
         "probes": results,
         "note": "peak RSS (VmHWM, reset after building the model and batches) of a fresh process, which includes "
                 "the Python/torch baseline; delta_* compare only the growth above that baseline",
@@ -379,6 +464,7 @@ def main() -> None:
         "generation": lambda: generation_speedup(few),
         "maml_by_k": lambda: {"maml_over_fomaml_by_inner_steps": maml_by_inner_steps(few + 2, args.quick)},
         "scaling": lambda: {"scaling": scaling(few, args.quick)},
+        "task_batching": lambda: task_batching(few + 4),
     }
     result["section_seconds"] = {}
     for name, section in sections.items():
@@ -392,6 +478,8 @@ def main() -> None:
         "fomaml_mem_over_sft <= 1.3": result["fomaml_mem_over_sft"] <= 1.3,
         "padding_speedup >= 2": result["padding_speedup"] >= 2,
         "generate_batched_speedup >= 5": result["generate_batched_speedup"] >= 5,
+        "batched_over_sequential_demo >= 2.5": result["batched_over_sequential_demo"] >= 2.5,
+        "batched_over_sequential_bench >= 1.5": result["batched_over_sequential_bench"] >= 1.5,
     }
     result["wall_seconds"] = time.perf_counter() - started
     text = json.dumps(result, indent=2)
