@@ -85,15 +85,11 @@ def resolve_tasks_per_pass(cfg: Config) -> tuple[int, str]:
     return cfg.meta.tasks_per_pass or cfg.meta.meta_batch_size, ""
 
 
-def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimizer: torch.optim.Optimizer,
-                  clip_grad: float | None, want_pre: bool = False, sharded: bool = False, world_size: int = 1,
-                  tasks_per_pass: int = 1) -> dict:
-    """One meta-step on this rank's episodes: every task adds its contribution to the meta-gradient,
-    which is all-reduced (task-parallel), checked to be finite, clipped, written to ``.grad`` and
-    applied by the outer optimizer. Tasks go through the algorithm ``tasks_per_pass`` at a time
-    (1: one after another). θ is restored before the step; returns the step's metrics and
-    ``applied`` (False when a non-finite loss or gradient made it skip)."""
-    weight = algorithm.task_weight(num_tasks)
+def accumulate_meta_gradient(engine: InnerLoop, algorithm, episodes, weight: float, want_pre: bool,
+                             tasks_per_pass: int = 1) -> list:
+    """This rank's meta-gradient into ``engine.meta_grad`` (zeroed first): every episode's contribution
+    × ``weight``, ``tasks_per_pass`` tasks per batched pass (a lone task runs sequentially). θ is
+    snapshotted before and restored after; returns each task's metrics."""
     engine.snapshot()
     engine.zero_meta_grad()
     task_metrics = []
@@ -105,6 +101,19 @@ def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimi
             engine.restore()  # a sequential task before may have left adapted weights in the model
             task_metrics += algorithm.run_batch(engine, engine.stack(chunk), weight, want_pre=want_pre)
     engine.restore()
+    return task_metrics
+
+
+def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimizer: torch.optim.Optimizer,
+                  clip_grad: float | None, want_pre: bool = False, sharded: bool = False, world_size: int = 1,
+                  tasks_per_pass: int = 1) -> dict:
+    """One meta-step on this rank's episodes: every task adds its contribution to the meta-gradient,
+    which is all-reduced (task-parallel), checked to be finite, clipped, written to ``.grad`` and
+    applied by the outer optimizer. Tasks go through the algorithm ``tasks_per_pass`` at a time
+    (1: one after another). θ is restored before the step; returns the step's metrics and
+    ``applied`` (False when a non-finite loss or gradient made it skip)."""
+    task_metrics = accumulate_meta_gradient(engine, algorithm, episodes, algorithm.task_weight(num_tasks), want_pre,
+                                            tasks_per_pass)
     if not sharded:  # under FSDP the gradients arrived already reduced, sharded like θ
         distributed.all_reduce_sum_(engine.meta_grad)
     sums = [sum(m.tokens for m in task_metrics), float(not all(m.finite for m in task_metrics)),

@@ -84,7 +84,9 @@ def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extr
     if extra:
         steps = 2
         args += ["meta.outer_lr=0.5", f"trainer.total_training_steps={steps}"]
-    assert main(["train", *args, f"trainer.default_local_dir={tmp_path / 'one'}"]) == 0
+    # One rank runs the sequential engine; two task-parallel ranks batch their tasks (the default,
+    # auto), so this also checks batched = sequential across processes. FSDP falls back to sequential.
+    assert main(["train", *args, "meta.task_batching=false", f"trainer.default_local_dir={tmp_path / 'one'}"]) == 0
     proc = torchrun([*args, f"model.use_fsdp={str(strategy == 'fsdp').lower()}",
                      f"trainer.default_local_dir={tmp_path / 'two'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,7 +43,7 @@ def whole_set_batches(task_dir, tokenizer):
 def reference_meta_gradient(model, algorithm, tasks_root, tokenizer):
     """Float64 meta-gradient over all tasks, whole sets as batches (every inner step the same)."""
     model = model.double()
-    theta = dict(model.named_parameters())
+    theta = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     for t in range(N_TASKS):
         support, query = whole_set_batches(tasks_root / f"task{t}", tokenizer)
@@ -65,28 +65,57 @@ def reference_meta_gradient(model, algorithm, tasks_root, tokenizer):
             if algorithm == "fomaml":
                 adapted.zero_grad()
                 ref_loss(adapted, query).backward()
-                contribution = {n: p.grad for n, p in adapted.named_parameters()}
+                contribution = {n: p.grad for n, p in adapted.named_parameters() if n in theta}
             else:  # reptile
-                contribution = {n: theta[n].detach() - p.detach() for n, p in adapted.named_parameters()}
+                contribution = {n: theta[n].detach() - p.detach() for n, p in adapted.named_parameters() if n in theta}
         for n in total:
             total[n] += contribution[n] / N_TASKS
     return total
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "maml", "reptile"])
-def test_one_sgd_meta_step_moves_weights_by_minus_the_meta_gradient(tmp_path, tiny_llama_tied_dir, tokenizer, algorithm):
-    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
-    run_train(tiny_llama_tied_dir, tmp_path / "run", EXACT + overrides, algorithm)
-    before = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir)
-    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "step_1")
-    grads = reference_meta_gradient(before, algorithm, tmp_path / "tasks", tokenizer)
-    before = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir)
-    deltas = {n: (a.detach().double() - b.detach().double())
-              for (n, a), (_, b) in zip(after.named_parameters(), before.named_parameters())}
+def moved_by_minus(before, after, grads) -> float:
+    """‖(after − before) + grads‖ / ‖grads‖ over the meta-learned parameters."""
+    after = dict(after.named_parameters())
+    deltas = {n: after[n].detach().double() - p.detach().double() for n, p in before.named_parameters() if n in grads}
     num = sum(((deltas[n] + grads[n]) ** 2).sum() for n in grads) ** 0.5
     den = sum((grads[n] ** 2).sum() for n in grads) ** 0.5
-    assert float(num / den) <= 1e-4
+    return float(num / den)
+
+
+# The sequential engine (task_batching=false) and the batched one (true) must both take the step.
+@pytest.mark.parametrize("batching", ["false", "true"])
+@pytest.mark.parametrize("algorithm", ["fomaml", "maml", "reptile"])
+def test_one_sgd_meta_step_moves_weights_by_minus_the_meta_gradient(tmp_path, tiny_llama_tied_dir, tokenizer,
+                                                                    algorithm, batching):
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    run_train(tiny_llama_tied_dir, tmp_path / "run", EXACT + overrides + [f"meta.task_batching={batching}"], algorithm)
+    grads = reference_meta_gradient(AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir), algorithm,
+                                    tmp_path / "tasks", tokenizer)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "step_1")
+    assert moved_by_minus(AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir), after, grads) <= 1e-4
     assert after.lm_head.weight is after.model.embed_tokens.weight  # still tied after the update
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "maml", "reptile"])
+def test_one_sgd_meta_step_on_lora_adapters_with_task_batching(tmp_path, tiny_llama_dir, tokenizer, algorithm):
+    """META-LoRA scope through `metasft train` with task batching on: the adapters move by minus
+    the float64 reference meta-gradient, computed from the run's own initial adapters."""
+    from peft import AutoPeftModelForCausalLM
+
+    from metasft.config import load_config
+    from metasft.distributed import DistEnv
+    from metasft.train import Trainer
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    args = EXACT + overrides + ["meta.task_batching=true", "model.lora_rank=4", "model.lora_alpha=8"]
+    run_train(tiny_llama_dir, tmp_path / "run", args, algorithm)
+    # The initial adapters: a trainer built from the same config draws the same lora_A (seeded).
+    initial = Trainer(load_config(overrides=[f"model.partial_pretrain={tiny_llama_dir}", f"meta.algorithm={algorithm}",
+                                             f"trainer.default_local_dir={tmp_path / 'init'}", *args]), DistEnv()).model
+    grads = reference_meta_gradient(initial, algorithm, tmp_path / "tasks", tokenizer)
+    assert grads and all("lora_" in n for n in grads)
+    after = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "step_1")
+    assert moved_by_minus(initial, after, grads) <= 1e-4
 
 
 def test_lora_run_keeps_base_weights_and_saves_a_peft_adapter(tmp_path, tiny_llama_dir):

@@ -91,3 +91,37 @@ def test_configuration_reference_in_docs_is_current():
 
     path = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert path.read_text() == reference_markdown(), "regenerate: metasft configs --reference > docs/configuration.md"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["meta.algorithm=sft"], "sft has no inner loop"),
+    (["meta.algorithm=fomaml", "model.use_fsdp=true"], "not supported under FSDP"),
+    (["meta.algorithm=fomaml", "model.enable_gradient_checkpointing=true"], "activation checkpointing"),
+])
+def test_explicit_task_batching_refuses_what_it_cannot_batch(overrides, message):
+    with pytest.raises(ConfigError, match=rf"meta.task_batching=true: .*{message}"):
+        load_config(overrides=["meta.task_batching=true", *overrides])
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], 4),                                               # auto: the whole meta-batch in one pass
+    (["meta.tasks_per_pass=3"], 3),
+    (["meta.task_batching=false"], 1),
+    (["meta.task_batching=true", "meta.meta_batch_size=6"], 6),
+    (["meta.algorithm=sft"], 1),                           # auto falls back where batching cannot apply
+    (["model.use_fsdp=true"], 1),
+    (["model.enable_gradient_checkpointing=true"], 1),
+])
+def test_auto_task_batching_resolution(overrides, expected):
+    from metasft.train import resolve_tasks_per_pass
+
+    per_pass, reason = resolve_tasks_per_pass(load_config(overrides=["meta.meta_batch_size=4", *overrides]))
+    assert per_pass == expected
+    assert bool(reason) == (expected == 1)
+
+
+def test_task_batching_values_are_checked():
+    with pytest.raises(ConfigError, match="meta.task_batching"):
+        load_config(overrides=["meta.task_batching=sometimes"])
+    with pytest.raises(ConfigError, match="meta.tasks_per_pass: 0 must be >= 1"):
+        load_config(overrides=["meta.tasks_per_pass=0"])

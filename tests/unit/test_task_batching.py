@@ -12,6 +12,7 @@ from metasft.data.collate import IGNORE_INDEX, collate, num_target_tokens
 from metasft.data.formatting import rows_to_examples
 from metasft.data.tokenize import encode_examples
 from metasft.model import trainable_named_parameters
+from metasft.train import accumulate_meta_gradient
 
 from conftest import cipher_rows
 from test_algorithms import K, INNER_LR, load_double, ref_fomaml, ref_maml_unrolled, ref_reptile, rel_err
@@ -46,18 +47,8 @@ def meta_grad(model, algorithm_name, episodes, tasks_per_pass, **meta):
     named = trainable_named_parameters(model)
     engine = InnerLoop(model, named, INNER_LR, K)
     before = [p.detach().clone() for _, p in named]
-    engine.snapshot()
-    engine.zero_meta_grad()
-    weight = algorithm.task_weight(len(episodes))
-    metrics = []
-    for start in range(0, len(episodes), tasks_per_pass):
-        chunk = episodes[start:start + tasks_per_pass]
-        if tasks_per_pass == 1:
-            metrics.append(algorithm.run_task(engine, chunk[0], weight, want_pre=True))
-        else:
-            engine.restore()
-            metrics += algorithm.run_batch(engine, engine.stack(chunk), weight, want_pre=True)
-    engine.restore()
+    metrics = accumulate_meta_gradient(engine, algorithm, episodes, algorithm.task_weight(len(episodes)),
+                                       want_pre=True, tasks_per_pass=tasks_per_pass)
     assert all(torch.equal(b, p) for b, (_, p) in zip(before, named))
     return [g.clone() for g in engine.meta_grad], metrics
 
@@ -110,3 +101,25 @@ def test_stacking_pads_without_changing_any_task_s_targets(episodes):
         assert torch.equal(stacked["labels"][t, :r, :n], b["labels"])
         assert num_target_tokens({"labels": stacked["labels"][t]}) == num_target_tokens(b)
         assert (stacked["labels"][t, r:] == IGNORE_INDEX).all() and (stacked["labels"][t, :, n:] == IGNORE_INDEX).all()
+
+
+def test_bf16_autocast_batched_pass_matches_the_sequential_one(tiny_llama_dir, episodes):
+    """Under vmap, autocast does not reach scaled_dot_product_attention; the engine casts its inputs
+    itself. Without that cast this raises (mixed fp32/bf16 query and value)."""
+    model = load_double(tiny_llama_dir).float()
+    grads = {}
+    for per_pass in (1, 4):
+        algorithm = build_algorithm(MetaConfig(algorithm="fomaml"))
+        engine = InnerLoop(model, trainable_named_parameters(model), INNER_LR, K, autocast_dtype=torch.bfloat16)
+        accumulate_meta_gradient(engine, algorithm, episodes, 0.25, want_pre=False, tasks_per_pass=per_pass)
+        grads[per_pass] = [g.clone() for g in engine.meta_grad]
+    assert rel_err(grads[4], grads[1]) < 0.05  # bf16 rounding, not a different computation
+
+
+def test_a_lone_task_runs_the_sequential_engine(tiny_llama_dir, episodes, monkeypatch):
+    """A meta-batch of one task gets nothing from batching, so it must not pay for vmap."""
+    model = load_double(tiny_llama_dir)
+    algorithm = build_algorithm(MetaConfig(algorithm="fomaml"))
+    monkeypatch.setattr(type(algorithm), "run_batch", lambda *a, **k: pytest.fail("batched a single task"))
+    engine = InnerLoop(model, trainable_named_parameters(model), INNER_LR, K)
+    accumulate_meta_gradient(engine, algorithm, episodes[:1], 1.0, want_pre=False, tasks_per_pass=4)
