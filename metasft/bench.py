@@ -82,6 +82,11 @@ class BenchConfig:
     train_parallel: int = _f(1, "Methods trained at the same time, each in its own process (2 suits a 2-core CPU with tiny models).")
     train_threads: Optional[int] = _f(None, "Threads per training process (OMP_NUM_THREADS; null = the available cores divided by train_parallel).")
     metric: Literal["exact_match", "rouge_l", "token_accuracy", "query_loss"] = _f("exact_match", "Metric of the plot and the sweep ranking.")
+    select_checkpoint: Literal["last", "best_validation"] = _f(
+        "last", "Which checkpoint of a trained method is evaluated: its last, or best_validation = the one "
+                "whose periodic evaluation on the validation tasks scored best (val/exact_match when logged, "
+                "ties and otherwise the lower val/query_loss_post). Needs validation tasks and "
+                "trainer.test_freq > 0; a checkpoint is then saved at every evaluation.")
     output_dir: str = _f("bench", "Where results, runs and plots go.")
     device: str = _f("auto", "Device for adaptation and evaluation.")
 
@@ -171,6 +176,7 @@ def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[R
             overrides.append(f"trainer.default_local_dir={out / 'runs' / _safe(name)}")
             train_cfg = load_config(path=method.config, name=method.config_name, overrides=overrides)
             _check_trainable(name, train_cfg, num_train_tasks)
+            _keep_evaluated_checkpoints(cfg, name, train_cfg)
             has_sft |= train_cfg.meta.algorithm == "sft"
             resolved.append(ResolvedMethod(name, train_config=train_cfg, sweep_of=method.name if method.grid else None,
                                            settings=dict(variant)))
@@ -178,6 +184,7 @@ def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[R
         overrides = common + cfg.train_overrides + [f"trainer.default_local_dir={out / 'runs' / 'sft'}"]
         sft_cfg = load_config(name="sft", overrides=overrides)
         _check_trainable("sft", sft_cfg, num_train_tasks)
+        _keep_evaluated_checkpoints(cfg, "sft", sft_cfg)
         resolved.insert(1, ResolvedMethod("sft", train_config=sft_cfg))
     return resolved
 
@@ -186,6 +193,39 @@ def _check_trainable(name: str, train_cfg, num_train_tasks: int) -> None:
     if train_cfg.meta.meta_batch_size > num_train_tasks:
         raise ConfigError(f"method {name}: meta.meta_batch_size={train_cfg.meta.meta_batch_size} is larger than the "
                           f"{num_train_tasks} meta-training tasks (set it in train_overrides)")
+
+
+def _keep_evaluated_checkpoints(cfg: BenchConfig, name: str, train_cfg) -> None:
+    """For select_checkpoint=best_validation: save a checkpoint at every periodic evaluation."""
+    if cfg.select_checkpoint != "best_validation":
+        return
+    trainer = train_cfg.trainer
+    if trainer.test_freq <= 0:
+        raise ConfigError(f"select_checkpoint: best_validation needs periodic evaluation, but method {name} has "
+                          "trainer.test_freq=-1 (set it in train_overrides)")
+    trainer.save_freq, trainer.keep = trainer.test_freq, None
+
+
+def best_validation_step(run_dir: Path, metric: str) -> tuple[int, str]:
+    """The meta-step whose validation evaluation scored best in ``run_dir/metrics.jsonl``, and the key
+    it was chosen by: ``val/exact_match`` (higher, ties to the lower query loss) when ``metric`` is
+    exact match and the run logged it, else ``val/query_loss_post`` (lower). Held-out tasks are
+    never looked at: a run that evaluated held-out tasks (no validation tasks) is refused."""
+    path = run_dir / "metrics.jsonl"
+    records = {}
+    if path.is_file():  # the last record of a step wins (a resumed run logs its steps again)
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if "val/query_loss_post" in record:
+                    records[record["step"]] = record
+    if not records:
+        raise MetasftError(f"select_checkpoint: {path} has no evaluation on validation tasks")
+    by_em = metric == "exact_match" and all("val/exact_match" in r for r in records.values())
+    key = "val/exact_match" if by_em else "val/query_loss_post"
+    rank = (lambda r: (r["val/exact_match"], -r["val/query_loss_post"])) if by_em else (lambda r: -r["val/query_loss_post"])
+    best = max(sorted(records), key=lambda step: rank(records[step]))  # an exact tie keeps the earliest
+    return best, key
 
 
 def _safe(name: str) -> str:
@@ -354,11 +394,18 @@ def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on
     if chosen_on:
         lines += ["", f"Adaptation learning rates were chosen per method and n_shots on {len(chosen_on)} validation "
                       "tasks (validation.csv), never on the held-out tasks above."]
-    lines += ["", "| method | meta-training steps | training wall time (s) | training peak RSS (MiB) | evaluation wall time (s) |",
-              "|---|---|---|---|---|"]
+    selected = any("selected_step" in info for info in methods_info.values())
+    lines += ["", "| method | meta-training steps | " + ("evaluated checkpoint | " if selected else "")
+              + "training wall time (s) | training peak RSS (MiB) | evaluation wall time (s) |",
+              "|---|---|---|---|---|" + ("---|" if selected else "")]
     for name, info in methods_info.items():
-        lines.append(f"| {name} | {info.get('steps', '–')} | {_fmt(info.get('train_seconds'))} | "
-                     f"{_fmt(info.get('train_peak_mib'))} | {_fmt(info.get('eval_seconds'))} |")
+        chosen = [f"step {info['selected_step']}" if "selected_step" in info else "–"] if selected else []
+        lines.append(" | ".join([f"| {name}", str(info.get("steps", "–")), *chosen, _fmt(info.get("train_seconds")),
+                                 _fmt(info.get("train_peak_mib")), _fmt(info.get("eval_seconds"))]) + " |")
+    if selected:
+        keys = sorted({info["selected_by"] for info in methods_info.values() if "selected_by" in info})
+        lines += ["", f"Each trained method is evaluated at the checkpoint whose periodic evaluation on the "
+                      f"validation tasks scored best ({', '.join(keys)}), never chosen on held-out tasks."]
     return "\n".join(lines) + "\n"
 
 
@@ -486,6 +533,9 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     if not wanted:
         raise ConfigError("held_out_tasks: the manifest marks no held-out tasks; list some")
     validation = cfg.validation_tasks or [s.name for s in specs if s.validation and s.name not in wanted]
+    if cfg.select_checkpoint == "best_validation" and not any(s.validation for s in specs):
+        raise ConfigError("select_checkpoint: best_validation needs tasks prepared with split: validation "
+                          "(training runs evaluate those); held-out tasks are never used to choose")
     if cfg.adapt.lr_grid and not validation:
         raise ConfigError("adapt.lr_grid: needs validation tasks (list validation_tasks, or prepare tasks with "
                           "split: validation); held-out tasks are never used to choose")
@@ -512,6 +562,12 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         if method.name in trained:
             checkpoint, entry["train_seconds"], entry["train_peak_mib"] = trained[method.name]
             entry["steps"] = int(checkpoint.name.split("_")[-1])
+            if cfg.select_checkpoint == "best_validation":
+                step, key = best_validation_step(checkpoint.parent, cfg.metric)
+                checkpoint = checkpoint.parent / f"step_{step}"
+                if not checkpoint.is_dir():
+                    raise MetasftError(f"method {method.name}: {checkpoint} was not saved")
+                entry["selected_step"], entry["selected_by"] = step, key
         entry["checkpoint"] = str(checkpoint)
         started = time.perf_counter()
         torch.manual_seed(0)

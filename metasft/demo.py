@@ -99,6 +99,10 @@ def write_bench_config(out: Path, base_model: Path, steps: int, seed: int, metho
         "data": {"chat_template": "none", "max_length": 64},
         "train_overrides": [_override(k, v) for k, v in common.items()],
         "metric": "exact_match",
+        # Every method is scored at its best checkpoint on the validation keys: FOMAML, META-LoRA and
+        # at times MAML swing by up to 0.5 exact match between evaluations (docs/demo.md), so the
+        # last step alone would score wherever a swing happens to stop.
+        "select_checkpoint": "best_validation",
         # Tiny models are bound by Python overhead, not FLOPs: two single-threaded trainings at a
         # time use a 2-core CPU about twice as well as one two-threaded training.
         "train_parallel": 2,

@@ -149,7 +149,51 @@ def test_bench_chooses_each_adaptation_lr_on_validation_tasks_only(tmp_path, tin
     assert "chosen per method and n_shots on 2 validation tasks" in (tmp_path / "b" / "results.md").read_text()
 
 
+def test_bench_evaluates_each_method_at_its_best_validation_checkpoint(tmp_path, tiny_llama_dir):
+    """select_checkpoint: best_validation. The trainer saves at every evaluation on the validation
+    tasks; bench evaluates the step those evaluations ranked best, recomputed here from metrics.jsonl."""
+    data = make_prepared_suite(tmp_path, n_train=2, n_held_out=1, n_validation=1)
+    config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [4], "seeds": [0],
+              "adapt": {"steps": 2, "batch_size": 4, "lr": 0.1}, "metric": "query_loss",
+              "eval": {"generation": False}, "data": {"chat_template": "none"}, "select_checkpoint": "best_validation",
+              "train_overrides": ["meta.meta_batch_size=2", "meta.inner_batch_size=4", "meta.num_inner_steps=1",
+                                  "meta.outer_lr=0.05", "trainer.total_training_steps=6", "trainer.test_freq=2"],
+              "methods": [{"name": "fomaml", "config_name": "fomaml"}], "output_dir": str(tmp_path / "b")}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    result = json.loads((tmp_path / "b" / "results.json").read_text())
+    for method in ("sft", "fomaml"):
+        run = tmp_path / "b" / "runs" / method
+        assert sorted(p.name for p in run.glob("step_*")) == ["step_2", "step_4", "step_6"]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = {r["step"]: r["val/query_loss_post"] for r in records if "val/query_loss_post" in r}
+        assert sorted(losses) == [2, 4, 6] and not any(k.startswith("heldout/") for r in records for k in r)
+        info = result["methods"][method]
+        assert info["selected_step"] == min(losses, key=losses.get)
+        assert info["checkpoint"] == str(run / f"step_{info['selected_step']}")
+        assert info["selected_by"] == "val/query_loss_post"
+    assert "evaluated checkpoint" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_best_validation_step_ranks_exact_match_then_loss_and_keeps_the_last_record(tmp_path):
+    from metasft.bench import best_validation_step
+
+    records = [{"step": 10, "val/exact_match": 0.5, "val/query_loss_post": 0.9},
+               {"step": 20, "val/exact_match": 0.8, "val/query_loss_post": 0.7},
+               {"step": 25, "loss": 1.0},                                               # a training record
+               {"step": 30, "val/exact_match": 0.8, "val/query_loss_post": 0.4},        # the tie's lower loss
+               {"step": 40, "val/exact_match": 0.2, "val/query_loss_post": 0.1},
+               {"step": 30, "val/exact_match": 0.1, "val/query_loss_post": 2.0}]        # step 30 again (resumed)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert best_validation_step(tmp_path, "exact_match") == (20, "val/exact_match")
+    assert best_validation_step(tmp_path, "query_loss") == (40, "val/query_loss_post")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "heldout/query_loss_post": 1.0}) + "\n")
+    with pytest.raises(Exception, match="no evaluation on validation tasks"):
+        best_validation_step(tmp_path, "exact_match")
+
+
 @pytest.mark.parametrize("change,needle", [
+    ({"select_checkpoint": "best_validation"}, "select_checkpoint: best_validation needs tasks prepared with split: validation"),
     ({"base_model": ""}, "base_model: required"),
     ({"n_shots": [0]}, "n_shots"),
     ({"methods": [{"name": "x"}]}, "exactly one of config, config_name, checkpoint"),
