@@ -9,8 +9,9 @@
    on a disjoint family of fixed digit transforms (``copy:``, ``next:``, …): every method starts from
    that base, as real use starts from a pretrained LM;
 3. meta-trains ``sft``, ``fomaml``, ``reptile``, ``maml`` and ``meta_lora`` on the same budget of work;
-4. benchmarks them and the pretrained base on the held-out keys (``metasft bench``), prints the
-   table and writes ``adaptation.png`` and ``training_curves.png``.
+4. benchmarks them and the pretrained base on the held-out keys (``metasft bench``), each trained
+   method at its best checkpoint on the validation keys, prints the table and writes
+   ``adaptation.png`` and ``training_curves.png``.
 
 **Budget in work, not seconds.** Every method gets the same number of forward/backward passes over
 the same kind of batches: ``--steps`` FOMAML meta-steps of ``meta_batch_size`` tasks × (K inner + 1
