@@ -9,6 +9,8 @@ import torch
 
 from metasft.cli import main
 
+from conftest import write_tasks
+
 # Held-out English text: none of it is in the command's own check text (metasft.models.VERIFY_TEXT).
 HELD_OUT_TEXT = [
     "The children walked to school together every morning, talking about their favourite books.",
@@ -104,3 +106,85 @@ def test_a_folder_holding_something_else_is_never_overwritten(tmp_path, capsys):
 def test_bad_model_requests_exit_2(args, needle, capsys):
     assert main(args) == 2
     assert needle in _one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_inspect_targets_exactly_the_assistant_turn_through_im_end(smollm2_dir, tmp_path, capsys):
+    """ChatML with the real tokenizer: the ids are the tokenizer's own apply_chat_template, and the
+    trained-on tokens are the assistant's answer and its <|im_end|> (not the newline after it)."""
+    from transformers import AutoTokenizer
+
+    rows = [{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."},
+                          {"role": "assistant", "content": "Blue, like the sky."}]}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["inspect", str(data), "--tokenizer", str(smollm2_dir), "--json"]) == 0
+    encoded = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    for row, got in zip(rows, encoded):
+        expected = tokenizer.apply_chat_template(row["messages"], tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # BatchEncoding in transformers 5
+        assert got["input_ids"] == list(expected)
+        targets = [i for i, m in zip(got["input_ids"], got["target_mask"]) if m]
+        assert tokenizer.decode(targets) == row["messages"][-1]["content"] + "<|im_end|>"
+
+
+# One meta-step on the real model: 2 chat-templated tasks × (1 inner step + query) of 4 short rows.
+REAL_STEP = ["meta.meta_batch_size=2", "meta.inner_batch_size=4", "meta.query_batch_size=4", "meta.num_inner_steps=1",
+             "meta.inner_lr=0.01", "meta.outer_lr=1e-4", "trainer.total_training_steps=1", "trainer.logger=[jsonl]",
+             "trainer.device=cpu", "data.max_length=64"]
+
+
+def _train(model_dir, run_dir, tasks, *overrides):
+    assert main(["train", f"model.partial_pretrain={model_dir}", f"trainer.default_local_dir={run_dir}",
+                 *REAL_STEP, *tasks, *overrides]) == 0
+    return run_dir / "step_1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,extra", [("fomaml", ["model.enable_gradient_checkpointing=true"]),
+                                             ("maml", [])], ids=["meta_lora-checkpointing", "maml-second-order"])
+def test_one_meta_lora_step_on_smollm2_keeps_every_base_weight(smollm2_dir, tmp_path, algorithm, extra):
+    """META-LoRA (with activation checkpointing) and second-order MAML on LoRA weights: the adapter
+    loads with peft, moved, and every base weight is bit-identical to the converted model's."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    tasks = write_tasks(tmp_path / "tasks", 2, 4, 4)
+    step = _train(smollm2_dir, tmp_path / "run", tasks, f"meta.algorithm={algorithm}",
+                  "model.lora_rank=8", "model.lora_alpha=16", *extra)
+    assert not (step / "model.safetensors").exists()
+    adapter = load_file(step / "adapter_model.safetensors")
+    assert adapter and all(torch.isfinite(v).all() for v in adapter.values())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # lora_B starts at 0: it moved
+    model = AutoPeftModelForCausalLM.from_pretrained(step)
+    original = load_file(smollm2_dir / "model.safetensors")
+    checked = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(param, original[key]), name
+        checked += 1
+    assert checked == len(original) - ("lm_head.weight" in original)
+
+
+@pytest.mark.slow
+def test_one_full_weight_fomaml_step_on_smollm2_in_bf16(smollm2_dir, tmp_path):
+    """bf16 autocast, full weights, task-batched: the checkpoint is a plain fp32 transformers model
+    whose weights moved and stayed finite."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    # 2 rows per batch: this CPU has no bf16 matmul units, so autocast bf16 runs emulated and slow.
+    tasks = write_tasks(tmp_path / "tasks", 2, 2, 2)
+    step = _train(smollm2_dir, tmp_path / "run", tasks, "meta.algorithm=fomaml", "trainer.precision=bf16",
+                  "meta.task_batching=true", "meta.inner_batch_size=2", "meta.query_batch_size=2")
+    model = AutoModelForCausalLM.from_pretrained(step)
+    assert model.dtype == torch.float32
+    after, before = load_file(step / "model.safetensors"), load_file(smollm2_dir / "model.safetensors")
+    assert after.keys() == before.keys()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert sum(not torch.equal(after[k], before[k]) for k in after) == len(after)  # every tensor took the step
