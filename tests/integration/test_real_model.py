@@ -172,15 +172,15 @@ def test_one_meta_lora_step_on_smollm2_keeps_every_base_weight(smollm2_dir, tmp_
 
 
 @pytest.mark.slow
-def test_one_full_weight_fomaml_step_on_smollm2_in_bf16(smollm2_dir, tmp_path):
-    """bf16 autocast, full weights, task-batched: the checkpoint is a plain fp32 transformers model
-    whose weights moved and stayed finite."""
+def test_one_full_weight_fomaml_step_on_smollm2(smollm2_dir, tmp_path):
+    """Full weights, task-batched: the checkpoint is a plain fp32 transformers model whose weights
+    moved and stayed finite. (bf16 passes too, in 100 s instead of 20 on this CPU, which has no bf16
+    matmul units; the bf16 batched path is checked against the sequential one on tiny models.)"""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    # 2 rows per batch: this CPU has no bf16 matmul units, so autocast bf16 runs emulated and slow.
     tasks = write_tasks(tmp_path / "tasks", 2, 2, 2)
-    step = _train(smollm2_dir, tmp_path / "run", tasks, "meta.algorithm=fomaml", "trainer.precision=bf16",
+    step = _train(smollm2_dir, tmp_path / "run", tasks, "meta.algorithm=fomaml", "trainer.precision=fp32",
                   "meta.task_batching=true", "meta.inner_batch_size=2", "meta.query_batch_size=2")
     model = AutoModelForCausalLM.from_pretrained(step)
     assert model.dtype == torch.float32
