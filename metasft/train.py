@@ -72,8 +72,8 @@ def resolve_tasks_per_pass(cfg: Config) -> tuple[int, str]:
 
     ``meta.task_batching: auto`` batches whenever it is supported (see
     :func:`~metasft.config.task_batching_conflict`): benchmarks/run.py measured the batched pass
-    faster at 2 and more tasks on every model and algorithm it times (docs/benchmarks.md), and a
-    single task always runs sequentially, so nothing gets slower. ``true`` with a conflict was
+    faster (1.4–2×) at 4 and 16 tasks on every model and algorithm it times (docs/benchmarks.md),
+    and a lone task always runs sequentially, so a meta-batch of one gets no slower. ``true`` with a conflict was
     already refused by config validation."""
     from metasft.config import task_batching_conflict
 
@@ -82,7 +82,8 @@ def resolve_tasks_per_pass(cfg: Config) -> tuple[int, str]:
     conflict = task_batching_conflict(cfg)
     if conflict:
         return 1, conflict
-    return cfg.meta.tasks_per_pass or cfg.meta.meta_batch_size, ""
+    per_pass = cfg.meta.tasks_per_pass or cfg.meta.meta_batch_size
+    return per_pass, "" if per_pass > 1 else "one task per pass"
 
 
 def accumulate_meta_gradient(engine: InnerLoop, algorithm, episodes, weight: float, want_pre: bool,

@@ -111,6 +111,7 @@ def test_explicit_task_batching_refuses_what_it_cannot_batch(overrides, message)
     (["meta.algorithm=sft"], 1),                           # auto falls back where batching cannot apply
     (["model.use_fsdp=true"], 1),
     (["model.enable_gradient_checkpointing=true"], 1),
+    (["meta.meta_batch_size=1"], 1),                       # nothing to batch
 ])
 def test_auto_task_batching_resolution(overrides, expected):
     from metasft.train import resolve_tasks_per_pass
