@@ -138,6 +138,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suites(args: argparse.Namespace) -> int:
+    from metasft.data.suites import SUITES, build_suite
+
+    if args.suites_command == "list":
+        print("\n".join(SUITES))
+        return 0
+    manifest = build_suite(args.name, args.out, seed=args.seed)
+    print(f"metasft: wrote suite {args.name} to {args.out}: {len(manifest['train_tasks'])} meta-training, "
+          f"{len(manifest['validation_tasks'])} validation and {len(manifest['held_out_tasks'])} held-out tasks")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metasft", description="Meta-learning supervised fine-tuning for causal LMs "
                      "(MAML, FOMAML, Reptile, META-LoRA).")
@@ -240,6 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, metavar="DIR", help="the model folder to write (new or empty)")
     _add_common(q)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("suites", help="build a ready-made few-shot task suite (cipher, countries) in the prepared layout",
+                       description="Write a built-in task suite as `metasft prepare` would (manifest + support/query "
+                                   "parquet per task, train/validation/test splits), deterministic for --seed.")
+    msub = p.add_subparsers(dest="suites_command", required=True, metavar="ACTION", parser_class=_Parser)
+    q = msub.add_parser("list", help="the suites `build` knows")
+    _add_common(q)
+    q = msub.add_parser("build", help="write a suite into --out")
+    q.add_argument("name", help="cipher or countries (see docs/data.md)")
+    q.add_argument("--out", required=True, metavar="DIR", help="output directory (meta.tasks_dir)")
+    q.add_argument("--seed", type=int, default=0, help="which rows, keys and field splits (default 0)")
+    _add_common(q)
+    p.set_defaults(func=cmd_suites)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic suite and a tiny model (CPU, minutes)",
                        description="Generate the cipher suite, build and pretrain a tiny Llama, meta-train sft/fomaml/"
