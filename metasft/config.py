@@ -74,8 +74,9 @@ class MetaConfig:
     query_batch_size: int = _f(8, "Query examples per task for the meta-loss (the whole query set when at least its size).")
     task_batching: Union[bool, Literal["auto"]] = _f(
         "auto", "Adapt the tasks of a meta-step together in one batched pass (torch.func.vmap over per-task "
-                "weights): true, false, or auto = on for maml/fomaml/reptile when a pass gets >= 2 tasks and "
-                "nothing rules it out (FSDP, activation checkpointing), else off. Same meta-gradient to rounding.")
+                "weights): true, false, or auto = on for maml/fomaml/reptile when a pass gets >= 2 tasks, nothing "
+                "rules it out (FSDP, activation checkpointing) and it was measured faster (LoRA; full weights up "
+                "to 10M parameters), else off. Same meta-gradient to rounding.")
     tasks_per_pass: Optional[int] = _f(None, "With task batching: at most this many tasks per batched pass (null = all "
                                              "of a rank's tasks). Full-weight batching holds one copy of the weights "
                                              "per task in a pass; lower this to trade speed for memory.")

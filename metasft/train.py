@@ -67,14 +67,22 @@ def learning_rate(cfg: Config, step: int) -> float:
     return base * (1 - (1 - floor) * progress)
 
 
-def resolve_tasks_per_pass(cfg: Config) -> tuple[int, str]:
+# `auto` batches full weights only up to this many meta-parameters. Measured on a 2-core CPU: batched
+# full-weight FOMAML was 1.4–1.8× faster on 0.14M- and 1.1M-parameter models, and 0.74× (slower) on
+# SmolLM2-135M, where every task's copy of the weights streams through memory at each inner step.
+# LoRA stacks only adapters and was faster on SmolLM2 too (1.1×). Nothing is measured in between or
+# on a GPU, so the limit is a conservative guess between the two (docs/benchmarks.md).
+AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS = 10_000_000
+
+
+def resolve_tasks_per_pass(cfg: Config, num_meta_params: int | None = None) -> tuple[int, str]:
     """How many tasks adapt together in one pass (1 = the sequential engine), and why.
 
-    ``meta.task_batching: auto`` batches whenever it is supported (see
-    :func:`~metasft.config.task_batching_conflict`): benchmarks/run.py measured the batched pass
-    faster (1.4–2×) at 4 and 16 tasks on every model and algorithm it times (docs/benchmarks.md),
-    and a lone task always runs sequentially, so a meta-batch of one gets no slower. ``true`` with a conflict was
-    already refused by config validation."""
+    ``meta.task_batching: auto`` batches where it is supported (see
+    :func:`~metasft.config.task_batching_conflict`) and was measured faster: always under LoRA, and
+    for full weights up to ``AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS`` meta-parameters. A lone task
+    always runs sequentially, so a meta-batch of one gets no slower. ``true`` batches regardless
+    (a conflict was already refused by config validation)."""
     from metasft.config import task_batching_conflict
 
     if cfg.meta.task_batching is False:
@@ -82,6 +90,10 @@ def resolve_tasks_per_pass(cfg: Config) -> tuple[int, str]:
     conflict = task_batching_conflict(cfg)
     if conflict:
         return 1, conflict
+    if (cfg.meta.task_batching == "auto" and cfg.model.lora_rank == 0 and num_meta_params is not None
+            and num_meta_params > AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS):
+        return 1, (f"auto: full-weight batching of {num_meta_params:,} parameters was measured slower than "
+                   "sequential on a 135M model; set meta.task_batching=true to batch anyway")
     per_pass = cfg.meta.tasks_per_pass or cfg.meta.meta_batch_size
     return per_pass, "" if per_pass > 1 else "one task per pass"
 
@@ -200,7 +212,8 @@ class Trainer:
 
             self.engine.before_param_write = lambda: reshard_all(self.model)
         self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params])
-        self.tasks_per_pass, self.batching_off_reason = resolve_tasks_per_pass(cfg)
+        self.tasks_per_pass, self.batching_off_reason = resolve_tasks_per_pass(
+            cfg, num_meta_params=sum(p.numel() for _, p in self.named_params))
         self.step = 0
         self._signal = 0
         self.nonfinite_total = 0

@@ -116,7 +116,8 @@ def test_explicit_task_batching_refuses_what_it_cannot_batch(overrides, message)
 def test_auto_task_batching_resolution(overrides, expected):
     from metasft.train import resolve_tasks_per_pass
 
-    per_pass, reason = resolve_tasks_per_pass(load_config(overrides=["meta.meta_batch_size=4", *overrides]))
+    per_pass, reason = resolve_tasks_per_pass(load_config(overrides=["meta.meta_batch_size=4", *overrides]),
+                                              num_meta_params=1_000_000)
     assert per_pass == expected
     assert bool(reason) == (expected == 1)
 
@@ -126,3 +127,17 @@ def test_task_batching_values_are_checked():
         load_config(overrides=["meta.task_batching=sometimes"])
     with pytest.raises(ConfigError, match="meta.tasks_per_pass: 0 must be >= 1"):
         load_config(overrides=["meta.tasks_per_pass=0"])
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], 1),                                   # auto, full weights of a large model: measured slower
+    (["meta.task_batching=true"], 4),          # forced
+    (["model.lora_rank=8"], 4),                # LoRA stacks only adapters: batched at any size
+])
+def test_auto_does_not_batch_the_full_weights_of_a_large_model(overrides, expected):
+    from metasft.train import AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS, resolve_tasks_per_pass
+
+    cfg = load_config(overrides=["meta.meta_batch_size=4", *overrides])
+    per_pass, reason = resolve_tasks_per_pass(cfg, num_meta_params=AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS + 1)
+    assert per_pass == expected
+    assert (expected == 1) == ("measured slower" in reason)

@@ -65,5 +65,5 @@ def test_shipped_config_snippets_in_docs_exist():
 
     names = set(shipped_config_names())
     for doc in DOCS:
-        for name in re.findall(r"--config-name ([a-z_]+)", doc.read_text()):
+        for name in re.findall(r"--config-name ([a-z0-9][a-z0-9_.-]*[a-z0-9])", doc.read_text()):
             assert name in names, f"{doc.name}: unknown shipped config {name}"
