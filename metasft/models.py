@@ -21,7 +21,6 @@ close to, not identical with, the original bf16 release.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -29,6 +28,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from metasft.data.prepare import file_sha256
 from metasft.errors import MetasftError
 
 
@@ -88,14 +88,6 @@ def _check_gguf_reader() -> None:
         raise MetasftError("models get: reading GGUF files needs the gguf package; install it with: pip install gguf")
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_gguf(path: Path, out: Path) -> None:
     """Dequantise ``path`` into a clean float32 model + tokenizer saved in ``out``."""
     import torch
@@ -143,7 +135,7 @@ def get_model(name: str | None, out: str | Path, gguf: str | None = None, consol
     """Convert (or re-check) a packaged or given GGUF model into ``out``; returns the marker record."""
     path, label = locate_gguf(name, gguf)
     out = Path(out).expanduser()
-    digest = file_digest(path)
+    digest = file_sha256(path)
     marker = out / MARKER
     if marker.is_file():
         record = json.loads(marker.read_text(encoding="utf-8"))

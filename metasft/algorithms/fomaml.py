@@ -8,7 +8,6 @@ With LoRA on (``model.lora_rank > 0``) this is META-LoRA: θ is only the adapter
 
 from __future__ import annotations
 
-import torch
 
 from metasft.algorithms.base import MetaAlgorithm
 from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMetrics, _tokens
@@ -32,9 +31,7 @@ class FOMAML(MetaAlgorithm):
     def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
         metrics = self.new_metrics(batch)
         if want_pre:
-            with torch.no_grad():
-                engine.record_query_losses(batch, metrics, engine.batched_losses(None, batch.query),
-                                           "query_loss_pre", count_tokens=False)
+            engine.record_query_loss_pre(batch, metrics)
         adapted = engine.adapt_batched(batch, metrics)
         query_losses = engine.batched_losses(adapted, batch.query)
         engine.record_query_losses(batch, metrics, query_losses, "query_loss_post", count_tokens=True)

@@ -316,6 +316,12 @@ class InnerLoop:
             weights = {n: w.requires_grad_() for n, w in zip(weights, new)}
         return weights
 
+    @torch.no_grad()
+    def record_query_loss_pre(self, batch: TaskBatch, metrics: list[TaskMetrics]) -> None:
+        """Each task's query loss at θ (before adaptation), one batched forward for all tasks."""
+        self.record_query_losses(batch, metrics, self.batched_losses(None, batch.query), "query_loss_pre",
+                                 count_tokens=False)
+
     def record_query_losses(self, batch: TaskBatch, metrics: list[TaskMetrics], losses: torch.Tensor,
                             attribute: str, count_tokens: bool) -> None:
         for value, m, ep in zip(losses.detach().tolist(), metrics, batch.episodes):

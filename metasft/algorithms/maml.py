@@ -13,7 +13,6 @@ checkpointing is refused (recomputation would not see the functional weights).
 
 from __future__ import annotations
 
-import torch
 
 from metasft.algorithms.base import MetaAlgorithm
 from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMetrics, _tokens
@@ -37,9 +36,7 @@ class MAML(MetaAlgorithm):
     def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
         metrics = self.new_metrics(batch)
         if want_pre:
-            with torch.no_grad():
-                engine.record_query_losses(batch, metrics, engine.batched_losses(None, batch.query),
-                                           "query_loss_pre", count_tokens=False)
+            engine.record_query_loss_pre(batch, metrics)
         # φ starts as θ broadcast to T copies, so the backward pass sums the T tasks' paths into θ.
         adapted = engine.adapt_batched(batch, metrics, create_graph=True)
         query_losses = engine.batched_losses(adapted, batch.query)

@@ -42,9 +42,7 @@ class Reptile(MetaAlgorithm):
         metrics = self.new_metrics(batch)
         with_query = want_pre and batch.query is not None
         if with_query:
-            with torch.no_grad():
-                engine.record_query_losses(batch, metrics, engine.batched_losses(None, batch.query),
-                                           "query_loss_pre", count_tokens=False)
+            engine.record_query_loss_pre(batch, metrics)
         adapted = engine.adapt_batched(batch, metrics, inner_optimizer=self.inner_optimizer)
         with torch.no_grad():
             if with_query:

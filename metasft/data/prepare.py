@@ -129,7 +129,7 @@ def _resolve(file: str, config_path: Path) -> Path:
     return beside if beside.exists() else candidate
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -216,7 +216,7 @@ def prepare(
             name=entry.name, support=examples[:n_support], query=examples[n_support:n_support + n_query],
             held_out=entry.held_out, validation=entry.validation,
             info={"rows_read": report.read, "dropped": dict(report.dropped),
-                  "sources": [{"path": str(f), "sha256": _sha256(f)} for f in entry.input_files]}))
+                  "sources": [{"path": str(f), "sha256": file_sha256(f)} for f in entry.input_files]}))
         reports.append(report)
     options = {"balance": balance, "support_size": support_size, "query_size": query_size,
                "task_config": str(task_config)}
