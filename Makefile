@@ -5,7 +5,11 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test install wordnet clean
+
+# WordNet 3.0 for `metasft suites build wordnet` and its tests: Debian's wordnet-base (root or sudo).
+WORDNET_DIR ?= /usr/share/wordnet
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +23,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+wordnet:
+	@test -f $(WORDNET_DIR)/data.noun || $(SUDO) apt-get install -y -q --no-install-recommends wordnet-base \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends wordnet-base)
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/metasft demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed wordnet
 	$(PY) -m pytest -q --durations=15
 
 clean:

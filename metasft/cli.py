@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("suites", help="build a ready-made few-shot task suite (cipher, countries) in the prepared layout",
+    p = sub.add_parser("suites", help="build a ready-made few-shot task suite (cipher, wordnet, countries) in the prepared layout",
                        description="Write a built-in task suite as `metasft prepare` would (manifest + support/query "
                                    "parquet per task, train/validation/test splits), deterministic for --seed.")
     msub = p.add_subparsers(dest="suites_command", required=True, metavar="ACTION", parser_class=_Parser)

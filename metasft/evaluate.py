@@ -13,7 +13,7 @@ import torch
 from metasft.data.collate import collate
 from metasft.data.formatting import Example
 from metasft.data.tokenize import Encoded
-from metasft.losses import forward_logits, token_loss_sum
+from metasft.losses import target_logits, token_loss_sum
 from metasft.metrics import exact_match, rouge_l
 
 
@@ -43,11 +43,12 @@ def loss_and_token_accuracy(model, rows: list[Encoded], batch_size: int, pad_tok
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_token_id).items()}
         with ctx:
-            logits = forward_logits(model, batch)
-        loss_sum, n = token_loss_sum(logits, batch["labels"])
-        labels = batch["labels"][:, 1:]
+            logits, labels, positions = target_logits(model, batch)
+        loss_sum, n = token_loss_sum(logits, labels, positions)
+        labels = labels[:, 1:] if positions is None else labels[:, positions + 1]
+        predicted = logits[:, :-1] if positions is None else logits
         mask = labels != -100
-        correct += int(((logits[:, :-1].argmax(-1) == labels) & mask).sum())
+        correct += int(((predicted.argmax(-1) == labels) & mask).sum())
         total_loss += float(loss_sum)
         count += int(n)
     return {"query_loss": total_loss / max(count, 1), "token_accuracy": correct / max(count, 1), "target_tokens": count}

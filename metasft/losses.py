@@ -8,22 +8,38 @@ by a global token count in the same way).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
 from metasft.data.collate import IGNORE_INDEX
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose logits predict a target (``labels[..., t + 1]`` set) in any row, 1-D.
+
+    Computing logits only there, not at every position, is what makes a large vocabulary cheap: an
+    SFT row is mostly prompt, and a 49,152-word head over every prompt token dominated the memory
+    and a third of the time of a SmolLM2 meta-step. Works on stacked ``[T, rows, length]`` labels too."""
+    return (labels[..., 1:] != IGNORE_INDEX).flatten(0, -2).any(0).nonzero().squeeze(1)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token negative log-likelihoods over target positions, and their count.
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]``; positions labelled ``IGNORE_INDEX`` are skipped.
-    Computed in float32 for half-precision logits (float64 logits stay float64, for exact tests).
+    With ``positions``, ``logits[:, i]`` are those of position ``positions[i]`` only
+    (:func:`forward_logits` with the same positions). Computed in float32 for half-precision logits
+    (float64 logits stay float64, for exact tests).
     """
-    shift_logits = logits[:, :-1, :]
+    if positions is None:
+        shift_logits, shift_labels = logits[:, :-1, :], labels[:, 1:]
+    else:
+        shift_logits, shift_labels = logits, labels[:, positions + 1]
     if shift_logits.dtype in (torch.float16, torch.bfloat16):
         shift_logits = shift_logits.float()
-    shift_labels = labels[:, 1:]
     total = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
@@ -34,21 +50,58 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return total, count
 
 
-def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of ``model`` on ``batch``. A batch without ``attention_mask``/``position_ids`` (the
-    task-batched path's stacked batches) is plain causal attention from position 0, which gives
-    right-padded rows exactly the logits the mask would at every non-padding position."""
+_ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs do; a peft
+    wrapper passes it through to its base model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = type(base)
+    if kind not in _ACCEPTS_LOGITS_TO_KEEP:
+        try:
+            _ACCEPTS_LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            _ACCEPTS_LOGITS_TO_KEEP[kind] = False
+    return _ACCEPTS_LOGITS_TO_KEEP[kind]
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of ``model`` on ``batch``, at every position or only at ``positions`` (1-D).
+
+    A batch
+    without ``attention_mask``/``position_ids`` (the task-batched path's stacked batches) is plain
+    causal attention from position 0, which gives right-padded rows exactly the logits the mask
+    would at every non-padding position."""
+    extra = {} if positions is None else {"logits_to_keep": positions}
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **extra,
     ).logits
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor], num_targets: int | torch.Tensor | None = None) -> torch.Tensor:
-    """Token-mean loss of ``model`` on ``batch``; divide by ``num_targets`` when given (global count)."""
-    total, count = token_loss_sum(forward_logits(model, batch), batch["labels"])
+def target_logits(model, batch: dict[str, torch.Tensor]):
+    """``(logits, labels, positions)`` for :func:`token_loss_sum`: logits at the target positions
+    only when the model allows it (``positions`` then says which), else at every position."""
+    positions = target_positions(batch["labels"]) if accepts_logits_to_keep(model) else None
+    return forward_logits(model, batch, positions), batch["labels"], positions
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], num_targets: int | torch.Tensor | None = None,
+            positions: torch.Tensor | None = None, module=None) -> torch.Tensor:
+    """Token-mean loss of ``model`` on ``batch``; divide by ``num_targets`` when given (global count).
+
+    Logits are computed only at the target positions when the model accepts ``logits_to_keep``:
+    ``positions`` when given (under vmap, where they cannot be computed from a task's labels), else
+    those of ``batch``. ``module``: the ``nn.Module`` behind a functional ``model``."""
+    if not accepts_logits_to_keep(module if module is not None else model):
+        positions = None
+    elif positions is None:
+        positions = target_positions(batch["labels"])
+    total, count = token_loss_sum(forward_logits(model, batch, positions), batch["labels"], positions)
     if num_targets is None:
         num_targets = batch.get("global_num_targets")  # set when a batch is split across ranks
     denominator = count if num_targets is None else torch.as_tensor(num_targets, device=total.device)

@@ -33,7 +33,7 @@ from torch.func import functional_call, vmap
 
 from metasft.data.collate import IGNORE_INDEX
 from metasft.distributed import has_dtensors
-from metasft.losses import lm_loss
+from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
 
 Batch = dict[str, torch.Tensor]
 
@@ -207,7 +207,7 @@ class InnerLoop:
         with self._context(double_backward):
             if weights is None:
                 return lm_loss(self.model, batch, num_targets)
-            return lm_loss(_FunctionalModel(self.model, weights), batch, num_targets)
+            return lm_loss(_FunctionalModel(self.model, weights), batch, num_targets, module=self.model)
 
     def grad(self, loss: torch.Tensor, wrt: list[torch.Tensor] | None = None,
              create_graph: bool = False) -> list[torch.Tensor]:
@@ -281,10 +281,14 @@ class InnerLoop:
                        double_backward: bool = False) -> torch.Tensor:
         """The §2.3 loss of each task, ``[T]``: task t's batch at its weights ``weights[name][t]``
         (or at θ, shared by every task, when ``weights`` is None)."""
+        # Target positions are data-dependent, so they are found here, over every task's rows, not
+        # inside vmap; padding rows and tasks with fewer targets just ignore the extra positions.
+        positions = target_positions(batch["labels"]) if accepts_logits_to_keep(self.model) else None
         with self._context(double_backward, vmapped=True):
             if weights is None:
-                return vmap(lambda b: lm_loss(self.model, b), randomness="different")(batch)
-            return vmap(lambda w, b: lm_loss(_FunctionalModel(self.model, w), b), randomness="different")(weights, batch)
+                return vmap(lambda b: lm_loss(self.model, b, positions=positions), randomness="different")(batch)
+            return vmap(lambda w, b: lm_loss(_FunctionalModel(self.model, w), b, positions=positions, module=self.model),
+                        randomness="different")(weights, batch)
 
     def adapt_batched(self, batch: TaskBatch, metrics: list[TaskMetrics], create_graph: bool = False,
                       inner_optimizer: str = "sgd") -> dict[str, torch.Tensor]:

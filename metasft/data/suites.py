@@ -3,6 +3,10 @@ prepared layout (manifest + per-task support/query parquet), deterministic for a
 
 - ``cipher``: the demo's substitution ciphers over 6 digits (200 training, 10 validation and 20
   held-out keys; the demo's pretraining transforms excluded), raw text.
+- ``wordnet``: N-way classification of WordNet 3.0 words (Debian ``wordnet-base``) by their
+  lexicographer category (``noun.animal``, ``verb.motion``, ...): each task picks N categories and
+  gives them N arbitrary label words, so the mapping must be learnt from the task's own examples.
+  *Categories* are split between meta-training, validation and held-out pools.
 - ``countries``: real facts about ~250 countries from the ``countryinfo`` package (MIT): one task per
   field × answer style. *Fields* are split between meta-training, validation and held-out pools, so
   a held-out task asks for a kind of fact never trained on. Prompt/response rows, which
@@ -16,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,7 @@ from metasft.data.formatting import Example
 from metasft.data.prepare import PreparedTask, write_prepared
 from metasft.errors import MetasftError
 
-SUITES = ("cipher", "countries")
+SUITES = ("cipher", "wordnet", "countries")
 
 # field -> (how to read it from a countryinfo record, question, sentence answer)
 COUNTRY_FIELDS = {
@@ -53,6 +58,8 @@ def build_suite(name: str, out: str | os.PathLike, seed: int = 0) -> dict:
                               exclude_keys=pretraining_keys())
     if name == "countries":
         return build_countries(out, seed)
+    if name == "wordnet":
+        return build_wordnet(out, seed)
     raise MetasftError(f"suites build: unknown suite {name!r} (known: {', '.join(SUITES)})")
 
 
@@ -96,4 +103,95 @@ def build_countries(out: str | os.PathLike, seed: int = 0, support_size: int = 1
     options = {"generator": "metasft.data.suites.build_countries", "source": "countryinfo",
                "test_fields": sorted(test_fields), "validation_fields": sorted(validation_fields),
                "support_size": support_size, "query_size": query_size}
+    return write_prepared(out, tasks, seed=seed, options=options)
+
+
+# The 45 lexicographer files of WordNet 3.0, by number (lexnames(5WN)); a synset's line names its file
+# by this number.
+WORDNET_CATEGORIES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
+    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
+    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
+    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
+    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
+    "verb.weather", "adj.ppl",
+)
+# Arbitrary answers, one token each in common tokenizers and unrelated to the categories; every task
+# draws its own N of them and its own assignment to categories.
+WORDNET_LABELS = ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white",
+                  "gray", "gold")
+WORDNET_DIR_ENV = "WNSEARCHDIR"  # WordNet's own variable for where its database lies
+WORDNET_INSTALL = "apt-get install wordnet-base (Debian/Ubuntu), or set WNSEARCHDIR to a WordNet 3.0 dict folder"
+
+
+def wordnet_synsets(folder: str | os.PathLike | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Category -> [(word, definition)] for every synset of WordNet's four ``data.*`` files: the
+    synset's first word (underscores as spaces) and its gloss up to the first ``;`` (the definition,
+    without usage examples)."""
+    folder = Path(folder or os.environ.get(WORDNET_DIR_ENV) or "/usr/share/wordnet")
+    files = [folder / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise MetasftError(f"suites build wordnet: no WordNet database at {missing[0]}; install it with: {WORDNET_INSTALL}")
+    by_category: dict[str, list[tuple[str, str]]] = {name: [] for name in WORDNET_CATEGORIES}
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.startswith("  "):  # the licence header
+                    continue
+                fields, _, gloss = line.partition(" | ")
+                parts = fields.split()
+                try:
+                    category = WORDNET_CATEGORIES[int(parts[1])]
+                    word = parts[4]
+                except (IndexError, ValueError):
+                    raise MetasftError(f"suites build wordnet: {path} line {number} is not a WordNet data line") from None
+                definition = gloss.split(";")[0].strip()
+                if definition:
+                    by_category[category].append((re.sub(r"\(.*\)$", "", word).replace("_", " "), definition))
+    return by_category
+
+
+def build_wordnet(out: str | os.PathLike, seed: int = 0, ways: int = 5, support_per_class: int = 10,
+                  query_per_class: int = 5, num_train_tasks: int = 100, num_validation_tasks: int = 5,
+                  num_test_tasks: int = 10, num_validation_categories: int = 6, num_test_categories: int = 10,
+                  max_definition_words: int = 16, folder: str | os.PathLike | None = None) -> dict:
+    synsets = wordnet_synsets(folder)
+    rng = np.random.default_rng([seed, 11])
+    per_class = support_per_class + query_per_class
+    usable = [c for c in WORDNET_CATEGORIES if len(synsets[c]) >= 4 * per_class]
+    order = [usable[i] for i in rng.permutation(len(usable))]
+    pools = {"test": order[:num_test_categories],
+             "validation": order[num_test_categories:num_test_categories + num_validation_categories],
+             "train": order[num_test_categories + num_validation_categories:]}
+    if min(len(p) for p in pools.values()) < ways:
+        raise MetasftError(f"suites build wordnet: {len(usable)} usable categories cannot fill three pools of "
+                           f"{ways}-way tasks")
+    tasks = []
+    for split, count in (("train", num_train_tasks), ("validation", num_validation_tasks), ("test", num_test_tasks)):
+        pool = pools[split]
+        for index in range(count):
+            categories = [pool[i] for i in rng.choice(len(pool), ways, replace=False)]
+            labels = [WORDNET_LABELS[i] for i in rng.choice(len(WORDNET_LABELS), ways, replace=False)]
+            options = ", ".join(sorted(labels))
+            support, query = [], []
+            for category, label in zip(categories, labels):
+                members = synsets[category]
+                for rank, i in enumerate(rng.choice(len(members), per_class, replace=False)):
+                    word, definition = members[i]
+                    words = definition.split()
+                    definition = " ".join(words[:max_definition_words]) + (" ..." if len(words) > max_definition_words else "")
+                    example = Example(prompt=f"Labels: {options}.\nWord: {word}\nMeaning: {definition}\nWhich label?",
+                                      response=label, source=f"wordnet {category} {word}")
+                    (support if rank < support_per_class else query).append(example)
+            support = [support[i] for i in rng.permutation(len(support))]
+            query = [query[i] for i in rng.permutation(len(query))]
+            tasks.append(PreparedTask(name=f"wordnet_{split}_{index:03d}", support=support, query=query,
+                                      held_out=split != "train", validation=split == "validation",
+                                      info={"categories": categories, "labels": labels, "ways": ways}))
+    options = {"generator": "metasft.data.suites.build_wordnet", "source": "WordNet 3.0", "ways": ways,
+               "support_per_class": support_per_class, "query_per_class": query_per_class,
+               "category_pools": pools}
     return write_prepared(out, tasks, seed=seed, options=options)

@@ -191,14 +191,14 @@ def test_one_full_weight_fomaml_step_on_smollm2(smollm2_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_adapt_and_eval_smollm2_on_two_held_out_country_tasks(smollm2_dir, tmp_path, capsys):
-    """`metasft adapt` then `metasft eval` on the real model, on two held-out tasks of the countries
-    suite (chat template applied): both commands run end to end, and the adapted model scores
+def test_adapt_and_eval_smollm2_on_two_held_out_wordnet_tasks(smollm2_dir, tmp_path, capsys):
+    """`metasft adapt` then `metasft eval` on the real model, on two held-out 5-way tasks of the
+    WordNet suite (chat template applied): both commands run end to end, and the adapted model scores
     differently from the base (2 SGD steps moved it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    assert main(["suites", "build", "countries", "--out", str(tmp_path / "suite")]) == 0
+    assert main(["suites", "build", "wordnet", "--out", str(tmp_path / "suite")]) == 0
     manifest = json.loads((tmp_path / "suite" / "manifest.json").read_text())
     held_out = manifest["held_out_tasks"][:2]
     for task in held_out:
@@ -210,7 +210,7 @@ def test_adapt_and_eval_smollm2_on_two_held_out_country_tasks(smollm2_dir, tmp_p
         scores = {}
         for name, model in (("base", smollm2_dir), ("adapted", adapted)):
             capsys.readouterr()
-            assert main(["eval", "--checkpoint", str(model), "--data", str(query), "--max-new-tokens", "16"]) == 0
+            assert main(["eval", "--checkpoint", str(model), "--data", str(query), "--max-new-tokens", "4"]) == 0
             scores[name] = json.loads(capsys.readouterr().out)
         for result in scores.values():
             assert result["rows"] == 8 and 0 <= result["exact_match"] <= 1 and result["query_loss"] > 0

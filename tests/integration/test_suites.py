@@ -1,5 +1,6 @@
 """`metasft suites build`: the built-in suites in the prepared layout, deterministic for a seed,
-with held-out tasks that share nothing with meta-training (issue 14, point 2: countries and cipher)."""
+with held-out tasks that share nothing with meta-training (issue 14, point 2: wordnet, countries and
+cipher). The WordNet tests read Debian's wordnet-base, which `make test` installs."""
 
 import json
 
@@ -44,13 +45,70 @@ def test_countries_suite_holds_out_whole_fields_and_states_true_facts(tmp_path):
     assert len(support) == 100 and len(query) == 50 and not support & query
 
 
+def test_wordnet_held_out_tasks_use_categories_never_seen_in_meta_training(tmp_path):
+    from metasft.data.suites import WORDNET_LABELS, wordnet_synsets
+
+    manifest = build("wordnet", tmp_path / "w")
+    tasks = manifest["tasks"]
+    categories = {split: {c for t in manifest[key] for c in tasks[t]["categories"]}
+                  for split, key in (("train", "train_tasks"), ("validation", "validation_tasks"),
+                                     ("test", "held_out_tasks"))}
+    assert (len(manifest["train_tasks"]), len(manifest["validation_tasks"]), len(manifest["held_out_tasks"])) == (100, 5, 10)
+    assert not categories["train"] & categories["test"]
+    assert not categories["train"] & categories["validation"] and not categories["validation"] & categories["test"]
+    synsets = wordnet_synsets()
+    for name in (manifest["held_out_tasks"][0], manifest["train_tasks"][0]):
+        info = tasks[name]
+        assert info["ways"] == 5 and len(set(info["categories"])) == 5 and set(info["labels"]) <= set(WORDNET_LABELS)
+        label_of = dict(zip(info["categories"], info["labels"]))
+        support, query = rows(tmp_path / "w", name, "support"), rows(tmp_path / "w", name, "query")
+        assert len(support) == 50 and len(query) == 25
+        assert not {r["prompt"] for r in support} & {r["prompt"] for r in query}
+        for row in support + query:
+            # The answer is the task's label of the word's own WordNet category, one of the options shown.
+            _, category, word = row["source"].split(" ", 2)
+            assert row["response"] == label_of[category]
+            assert f"Labels: {', '.join(sorted(info['labels']))}." in row["prompt"] and f"Word: {word}\n" in row["prompt"]
+            assert any(w == word for w, _ in synsets[category])
+        counts = {label: sum(r["response"] == label for r in support) for label in info["labels"]}
+        assert set(counts.values()) == {10}
+    # Each task gives its categories its own labels: the same category is not always the same word.
+    label_sets = {}
+    for name in manifest["train_tasks"]:
+        for category, label in zip(tasks[name]["categories"], tasks[name]["labels"]):
+            label_sets.setdefault(category, set()).add(label)
+    assert all(len(labels) > 1 for labels in label_sets.values())
+
+
+def test_wordnet_reads_the_real_database(tmp_path):
+    from metasft.data.suites import wordnet_synsets
+
+    synsets = wordnet_synsets()
+    assert sum(len(v) for v in synsets.values()) == 117659  # WordNet 3.0's synsets
+    dogs = dict(synsets["noun.animal"])
+    assert dogs["dog"].startswith("a member of the genus Canis")
+    assert not any(w.endswith(")") for w, _ in synsets["adj.all"])  # syntactic markers like "galore(ip)" dropped
+    assert "galore" in dict(synsets["adj.all"])
+
+
+def test_missing_wordnet_exits_2_with_the_install_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "nowhere"))
+    assert main(["suites", "build", "wordnet", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apt-get install wordnet-base" in err[0] and "nowhere" in err[0]
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
 def test_suites_are_deterministic_for_a_seed(tmp_path):
-    first, again = build("countries", tmp_path / "a", seed=3), build("countries", tmp_path / "b", seed=3)
-    assert first == again
-    for task in first["tasks"]:
-        assert rows(tmp_path / "a", task, "support") == rows(tmp_path / "b", task, "support")
-    other = build("countries", tmp_path / "c", seed=4)
-    assert any(rows(tmp_path / "a", t, "support") != rows(tmp_path / "c", t, "support") for t in first["tasks"])
+    for suite in ("countries", "wordnet"):
+        first = build(suite, tmp_path / suite / "a", seed=3)
+        again = build(suite, tmp_path / suite / "b", seed=3)
+        assert first == again
+        for task in first["tasks"]:
+            assert rows(tmp_path / suite / "a", task, "support") == rows(tmp_path / suite / "b", task, "support")
+        other = build(suite, tmp_path / suite / "c", seed=4)
+        assert first["tasks"] != other["tasks"] or any(
+            rows(tmp_path / suite / "a", t, "support") != rows(tmp_path / suite / "c", t, "support") for t in first["tasks"])
 
 
 def test_cipher_suite_is_the_demo_s_family(tmp_path):

@@ -123,3 +123,44 @@ def test_token_mean_loss_is_independent_of_batch_split():
     # Two micro-batches normalised by the global count sum to the full-batch mean.
     parts = [token_loss_sum(logits[i:i + 2], labels[i:i + 2])[0] / count for i in (0, 2)]
     assert (parts[0] + parts[1]).item() == pytest.approx((total / count).item(), rel=1e-12)
+
+
+def test_logits_at_target_positions_only_give_the_same_loss_and_gradient(tiny_llama_dir):
+    """lm_loss computes the head only where a target is predicted (logits_to_keep); in float64 the
+    loss and every gradient equal those of the full logits, and a model whose forward has no
+    logits_to_keep falls back to the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).double()
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (3, 9))
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[0, 5:7], labels[1, 3:5], labels[2, 8] = input_ids[0, 5:7], input_ids[1, 3:5], input_ids[2, 8]
+    batch = {"input_ids": input_ids, "labels": labels}
+    assert target_positions(labels).tolist() == [2, 3, 4, 5, 7]
+    assert target_positions(torch.stack([labels, labels])).tolist() == [2, 3, 4, 5, 7]  # stacked tasks
+    assert accepts_logits_to_keep(model)
+
+    def loss_and_grads(loss):
+        grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+        return loss.detach(), grads
+
+    kept, kept_grads = loss_and_grads(lm_loss(model, batch))
+    full_logits = model(input_ids=input_ids).logits
+    full, full_grads = loss_and_grads(token_loss_sum(full_logits, labels)[0] / (labels[:, 1:] != IGNORE_INDEX).sum())
+    assert torch.allclose(kept, full, rtol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(kept_grads, full_grads))
+
+    class NoKeep(torch.nn.Module):  # a forward without logits_to_keep: full logits
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    wrapped = NoKeep()
+    assert not accepts_logits_to_keep(wrapped)
+    assert torch.allclose(lm_loss(wrapped, batch).detach(), full, rtol=1e-12)
