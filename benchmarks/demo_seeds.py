@@ -33,7 +33,8 @@ def summarise(out: Path, wall_seconds: float | None = None) -> dict:
     result = json.loads((out / "results.json").read_text(encoding="utf-8"))
     cells = {}
     for entry in result["summary"]:
-        cells.setdefault(entry["method"], {})[entry["n_shots"]] = {
+        name = entry["method"] if entry.get("adaptation", "gradient") == "gradient" else f"{entry['method']} (in context)"
+        cells.setdefault(name, {})[entry["n_shots"]] = {
             "exact_match": entry["exact_match"], "exact_match_ci95": entry["exact_match_ci95"],
             "query_loss": entry["query_loss"], "query_loss_ci95": entry["query_loss_ci95"]}
     fewest = min(result["config"]["n_shots"])

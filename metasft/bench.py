@@ -34,6 +34,7 @@ from metasft.config import DataConfig, _build, _f, load_config, load_yaml
 from metasft.errors import ConfigError, MetasftError
 
 METRICS = ("query_loss", "token_accuracy", "exact_match", "rouge_l")
+ADAPTATIONS = ("gradient", "in_context")
 HIGHER_IS_BETTER = {"query_loss": False, "token_accuracy": True, "exact_match": True, "rouge_l": True}
 
 
@@ -74,6 +75,9 @@ class BenchConfig:
                                          "validation tasks); never scored in the results.")
     methods: list[MethodSpec] = _f([], "Methods to compare; base and sft are added when missing.")
     n_shots: list[int] = _f([10, 50, 100], "Support examples given to each adaptation.")
+    adaptations: list[str] = _f(["gradient"], "How each method uses the n_shots examples: gradient (fine-tune "
+                                              "with the adapt protocol) and/or in_context (the same examples "
+                                              "rendered before each query row, no gradient step).")
     seeds: list[int] = _f([0], "Seeds: which shots are drawn and the adaptation batch order.")
     adapt: AdaptProtocol = field(default_factory=AdaptProtocol)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -102,6 +106,9 @@ def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> Ben
         raise ConfigError("base_model: required (the model every method starts from)")
     if not cfg.tasks_dir:
         raise ConfigError("tasks_dir: required (a prepared task directory)")
+    if not cfg.adaptations or len(set(cfg.adaptations)) != len(cfg.adaptations) or \
+            not set(cfg.adaptations) <= set(ADAPTATIONS):
+        raise ConfigError(f"adaptations: {cfg.adaptations} must list some of {', '.join(ADAPTATIONS)}, each once")
     for key in ("n_shots", "seeds"):
         if not getattr(cfg, key):
             raise ConfigError(f"{key}: give at least one value")
@@ -299,6 +306,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     from metasft.adapt import adapt_rows, select_shots
     from metasft.algorithms import InnerLoop
     from metasft.checkpoint import load_pretrained
+    from metasft.data.in_context import render_in_context
     from metasft.evaluate import evaluate_rows
     from metasft.model import trainable_named_parameters
 
@@ -324,11 +332,35 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
                                with_generation=cfg.eval.generation, device=device)
         engine.restore()
         on_done()
-        return {"method": name, "task": task.name, "n_shots": n_shots, "seed": seed,
-                **{m: scores.get(m) for m in METRICS}, "adapt_lr": lr, "adapt_seconds": adapt_seconds}
+        return {"method": name, "adaptation": "gradient", "task": task.name, "n_shots": n_shots, "seed": seed,
+                **{m: scores.get(m) for m in METRICS}, "adapt_lr": lr, "shots_used": float(n_shots),
+                "shots_used_min": n_shots, "adapt_seconds": adapt_seconds}
+
+    def score_in_context(task, n_shots: int, seed: int) -> dict:
+        """The same seeded shots rendered before each query row (data.max_length permitting)."""
+        if n_shots > len(task.support):
+            raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
+        count = min(len(task.query), cfg.eval.max_query_rows or len(task.query))
+        shots = [task.support_examples[i] for i in select_shots(len(task.support), n_shots, seed, task.name)]
+        rendered = [render_in_context(shots, example, tokenizer, max_length=cfg.data.max_length,
+                                      truncation=cfg.data.truncation, chat_template=cfg.data.chat_template)
+                    for example in task.query_examples[:count]]
+        used = [n for _, n in rendered]
+        scores = evaluate_rows(model, tokenizer, [row for row, _ in rendered], task.query_examples[:count],
+                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                               with_generation=cfg.eval.generation, device=device)
+        on_done()
+        return {"method": name, "adaptation": "in_context", "task": task.name, "n_shots": n_shots, "seed": seed,
+                **{m: scores.get(m) for m in METRICS}, "adapt_lr": None, "shots_used": sum(used) / len(used),
+                "shots_used_min": min(used), "adapt_seconds": 0.0}
 
     chosen = {n_shots: cfg.adapt.lr for n_shots in cfg.n_shots}
     validation_rows = []
+    rows = []
+    if "in_context" in cfg.adaptations:
+        rows += [score_in_context(task, n_shots, seed) for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
+    if "gradient" not in cfg.adaptations:
+        return rows, {}, validation_rows
     if cfg.adapt.lr_grid:
         for n_shots in cfg.n_shots:
             ranking = []
@@ -339,8 +371,8 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
             sign = 1 if HIGHER_IS_BETTER[cfg.metric] else -1
             # A metric that was not computed (generation off) leaves the query loss to decide.
             chosen[n_shots] = max(ranking, key=lambda r: (0.0 if math.isnan(r[0]) else sign * r[0], -r[1]))[2]
-    rows = [score(task, n_shots, seed, chosen[n_shots])
-            for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
+    rows += [score(task, n_shots, seed, chosen[n_shots])
+             for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
     return rows, chosen, validation_rows
 
 
@@ -369,10 +401,11 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["n_shots"]), []).append(row)
+        groups.setdefault((row["method"], row.get("adaptation", "gradient"), row["n_shots"]), []).append(row)
     summary = []
-    for (method, n_shots), group in groups.items():
-        entry = {"method": method, "n_shots": n_shots, "n": len(group)}
+    for (method, adaptation, n_shots), group in groups.items():
+        entry = {"method": method, "adaptation": adaptation, "n_shots": n_shots, "n": len(group),
+                 "shots_used": sum(r.get("shots_used", n_shots) for r in group) / len(group)}
         for metric in METRICS:
             values = [r[metric] for r in group if r[metric] is not None]
             if values:
@@ -382,15 +415,16 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on: list[str] | None = None) -> str:
-    lines = ["| method | n_shots | adaptation lr | exact match | ROUGE-L | token accuracy | query loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | adaptation | n_shots | shots used | adaptation lr | exact match | ROUGE-L | token accuracy "
+             "| query loss |", "|---|---|---|---|---|---|---|---|---|"]
     for entry in summary:
         cells = []
         for metric in ("exact_match", "rouge_l", "token_accuracy", "query_loss"):
             cells.append(f"{entry[metric]:.3f} ± {entry[metric + '_ci95']:.3f}" if metric in entry else "–")
-        lr = methods_info.get(entry["method"], {}).get("adapt_lr", {}).get(str(entry["n_shots"]))
-        lines.append(f"| {entry['method']} | {entry['n_shots']} | {'–' if lr is None else f'{lr:g}'} | "
-                     + " | ".join(cells) + " |")
+        in_context = entry["adaptation"] == "in_context"
+        lr = None if in_context else methods_info.get(entry["method"], {}).get("adapt_lr", {}).get(str(entry["n_shots"]))
+        lines.append(f"| {entry['method']} | {entry['adaptation']} | {entry['n_shots']} | {entry['shots_used']:.1f} | "
+                     f"{'–' if lr is None else f'{lr:g}'} | " + " | ".join(cells) + " |")
     if chosen_on:
         lines += ["", f"Adaptation learning rates were chosen per method and n_shots on {len(chosen_on)} validation "
                       "tasks (validation.csv), never on the held-out tasks above."]
@@ -421,12 +455,15 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, name in zip(axes, (metric, "query_loss")):
-        for method in dict.fromkeys(e["method"] for e in summary):
-            points = sorted((e["n_shots"], e[name], e[name + "_ci95"]) for e in summary if e["method"] == method and name in e)
+        for method, adaptation in dict.fromkeys((e["method"], e["adaptation"]) for e in summary):
+            points = sorted((e["n_shots"], e[name], e[name + "_ci95"]) for e in summary
+                            if e["method"] == method and e["adaptation"] == adaptation and name in e)
             if not points:
                 continue
             xs, ys, cis = zip(*points)
-            ax.plot(xs, ys, marker="o", label=method)
+            in_context = adaptation == "in_context"
+            ax.plot(xs, ys, marker="s" if in_context else "o", linestyle="--" if in_context else "-",
+                    label=f"{method} (in context)" if in_context else method)
             ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)], alpha=0.15)
         ax.set_xscale("log")
         ax.set_xticks(sorted({e["n_shots"] for e in summary}))
@@ -489,7 +526,7 @@ def plot_training_curves(curves: dict[str, list[dict]], metric: str, path: Path)
 def write_csv(rows: list[dict], path: Path) -> None:
     # Wall times live in results.json: the CSV holds only what a seed determines, so two runs of
     # the same command give the same file.
-    columns = ["method", "task", "n_shots", "seed", *METRICS, "adapt_lr"]
+    columns = ["method", "adaptation", "task", "n_shots", "seed", *METRICS, "adapt_lr", "shots_used", "shots_used_min"]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -573,7 +610,8 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         torch.manual_seed(0)
         with Progress(TextColumn(f"[{index}/{len(methods)}] adapting + evaluating {method.name}"), BarColumn(),
                       MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-            trials = len(tasks) + len(validation_tasks) * len(cfg.adapt.lr_grid)
+            trials = (len(tasks) if "in_context" in cfg.adaptations else 0) + (
+                len(tasks) + len(validation_tasks) * len(cfg.adapt.lr_grid) if "gradient" in cfg.adaptations else 0)
             bar = progress.add_task("eval", total=trials * len(cfg.n_shots) * len(cfg.seeds))
             method_rows, chosen, method_validation = evaluate_method(
                 method.name, checkpoint, cfg, tasks, device, lambda: progress.advance(bar), validation_tasks)

@@ -23,7 +23,7 @@ import yaml
 from metasft.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-ALGORITHMS = ("maml", "fomaml", "reptile", "sft")
+ALGORITHMS = ("maml", "fomaml", "reptile", "sft", "metaicl")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 
 
@@ -61,8 +61,9 @@ class ModelConfig:
 
 @dataclass
 class MetaConfig:
-    algorithm: Optional[Literal["maml", "fomaml", "reptile", "sft"]] = _f(
-        None, "maml (second order), fomaml (first order), reptile, or sft (multi-task baseline). "
+    algorithm: Optional[Literal["maml", "fomaml", "reptile", "sft", "metaicl"]] = _f(
+        None, "maml (second order), fomaml (first order), reptile, sft (multi-task baseline), or metaicl "
+              "(multi-task SFT on rows of meta.metaicl_demos same-task demonstrations + one example). "
               "null = fomaml, or maml when meta.use_fomaml is false.")
     use_fomaml: Optional[bool] = _f(None, "Seed-compatible switch: true selects fomaml, false selects maml.")
     inner_lr: float = _f(1e-4, "Inner-loop SGD learning rate (alpha).")
@@ -80,6 +81,10 @@ class MetaConfig:
     tasks_per_pass: Optional[int] = _f(None, "With task batching: at most this many tasks per batched pass (null = all "
                                              "of a rank's tasks). Full-weight batching holds one copy of the weights "
                                              "per task in a pass; lower this to trade speed for memory.")
+    metaicl_demos: int = _f(4, "metaicl: demonstrations of the same task rendered before each training example "
+                               "(fewer when data.max_length does not fit them).")
+    metaicl_loss: Literal["target", "all"] = _f("target", "metaicl: train on the final example's response only, or "
+                                                          "on every demonstration's response too.")
     tasks: list[TaskSpec] = _f([], "Tasks listed explicitly: name, support_files, query_files, held_out.")
     tasks_dir: Optional[str] = _f(None, "A directory written by `metasft prepare` (uses its manifest.json).")
 
@@ -165,6 +170,7 @@ class Config:
         _at_least("meta.num_inner_steps", meta.num_inner_steps, 1 if meta.algorithm == "reptile" else 0)
         for key in ("meta_batch_size", "inner_batch_size", "query_batch_size"):
             _at_least(f"meta.{key}", getattr(meta, key), 1)
+        _at_least("meta.metaicl_demos", meta.metaicl_demos, 0)
         if meta.tasks_per_pass is not None:
             _at_least("meta.tasks_per_pass", meta.tasks_per_pass, 1)
         if meta.task_batching is True:
@@ -235,8 +241,8 @@ class Config:
 
 def task_batching_conflict(cfg: "Config") -> str | None:
     """Why the tasks of a meta-step cannot adapt in one batched pass under ``cfg`` (None: they can)."""
-    if cfg.meta.algorithm == "sft":
-        return "sft has no inner loop to batch (its tasks already share one batch per step)"
+    if cfg.meta.algorithm in ("sft", "metaicl"):
+        return f"{cfg.meta.algorithm} has no inner loop to batch (its tasks already share one batch per step)"
     if cfg.model.use_fsdp:
         return "not supported under FSDP (model.use_fsdp), whose ranks share every task's batch"
     if cfg.model.enable_gradient_checkpointing:

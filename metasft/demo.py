@@ -191,7 +191,8 @@ def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int]
 
 def _verdict(result: dict, console, n_shots: int) -> None:
     """Say plainly, per method, whether meta-learning beat multi-task SFT at the fewest shots."""
-    at = {e["method"]: e for e in result["summary"] if e["n_shots"] == n_shots and "exact_match" in e}
+    at = {e["method"]: e for e in result["summary"]
+          if e["n_shots"] == n_shots and e["adaptation"] == "gradient" and "exact_match" in e}
     if "sft" not in at:
         return
     sft = at["sft"]

@@ -186,6 +186,13 @@ class Trainer:
             shard_model(self.model, bf16=cfg.trainer.precision == "bf16")
         tasks = load_tasks(cfg.meta, cfg.data, self.tokenizer)
         self.train_tasks = [t for t in tasks if not t.held_out]
+        if cfg.meta.algorithm == "metaicl":
+            from metasft.data.in_context import metaicl_tasks
+
+            self.train_tasks = metaicl_tasks(
+                self.train_tasks, self.tokenizer, demos=cfg.meta.metaicl_demos,
+                loss_on_demos=cfg.meta.metaicl_loss == "all", seed=cfg.trainer.seed, max_length=cfg.data.max_length,
+                truncation=cfg.data.truncation, chat_template=cfg.data.chat_template)
         self.held_out_tasks = [t for t in tasks if t.held_out]
         # Periodic evaluation looks at validation tasks when there are any, so that watching a run
         # (or drawing its curve) never touches the tasks that final scores are measured on.

@@ -5,7 +5,7 @@ from metasft.algorithms.fomaml import FOMAML
 from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics
 from metasft.algorithms.maml import MAML
 from metasft.algorithms.reptile import Reptile
-from metasft.algorithms.sft import SFT
+from metasft.algorithms.sft import SFT, MetaICL
 
 __all__ = ["Episode", "InnerLoop", "MetaAlgorithm", "TaskMetrics", "build_algorithm"]
 
@@ -17,5 +17,6 @@ def build_algorithm(meta_cfg) -> MetaAlgorithm:
         "fomaml": FOMAML,
         "reptile": lambda: Reptile(meta_cfg.inner_optimizer),
         "sft": SFT,
+        "metaicl": MetaICL,
     }
     return registry[meta_cfg.algorithm]()

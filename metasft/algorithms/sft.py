@@ -28,3 +28,11 @@ class SFT(MetaAlgorithm):
         metrics.finite = bool(loss.detach().isfinite())
         engine.accumulate(engine.grad(loss), weight)
         return metrics
+
+
+class MetaICL(SFT):
+    """MetaICL (Min et al., 2022): the same multi-task SFT step, on rows in which each training
+    example follows ``meta.metaicl_demos`` demonstrations of its own task (built once by
+    :func:`metasft.data.in_context.metaicl_tasks`), so the model learns to learn in context."""
+
+    name = "metaicl"

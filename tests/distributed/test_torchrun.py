@@ -68,10 +68,11 @@ CASES = [(strategy, algorithm, extra)
          for strategy, algorithms in (("task-parallel", ("maml", "fomaml", "reptile", "sft")),
                                       ("fsdp", ("fomaml", "reptile", "sft")))
          for algorithm in algorithms for extra in ([], LORA)]
+CASES += [("task-parallel", "metaicl", ["meta.metaicl_demos=2"])]
 
 
 @pytest.mark.parametrize("strategy,algorithm,extra", CASES,
-                         ids=[f"{s}-{a}-{'lora' if e else 'full'}" for s, a, e in CASES])
+                         ids=[f"{s}-{a}-{'lora' if e == LORA else 'full'}" for s, a, e in CASES])
 def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extra):
     """The *update* (final − initial weights) on 2 ranks equals the 1-rank update, relative error
     ≤ 1e-4. Comparing updates, not weights: ‖θ‖ ≫ ‖Δθ‖ would hide a wrong update in the weights'
@@ -81,7 +82,7 @@ def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extr
     tasks = write_tasks(tmp_path / "tasks", 4, 5, 4)
     args = [f"model.partial_pretrain={tiny_llama_dir}", f"meta.algorithm={algorithm}", *EXACT, *tasks, *extra]
     steps = 1
-    if extra:
+    if extra == LORA:
         steps = 2
         args += ["meta.outer_lr=0.5", f"trainer.total_training_steps={steps}"]
     # One rank runs the sequential engine; two task-parallel ranks batch their tasks (the default,
@@ -93,7 +94,7 @@ def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extr
     assert sorted(p.name for p in (tmp_path / "two").glob("step_*")) == [f"step_{steps}"]
     single, multi = weights(tmp_path / "one" / f"step_{steps}"), weights(tmp_path / "two" / f"step_{steps}")
     assert single.keys() == multi.keys()
-    if not extra:
+    if extra != LORA:
         initial = load_file(tiny_llama_dir / "model.safetensors")
         groups = {"all": list(single)}
     else:

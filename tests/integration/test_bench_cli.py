@@ -214,3 +214,58 @@ def test_bench_bad_config(tmp_path, tiny_llama_dir, change, needle, capsys):
     assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_bench_evaluates_every_method_in_context_too(tmp_path, tiny_llama_dir, trained):
+    """adaptations: [gradient, in_context] (issue 15): one in-context row per (method, task, n_shots,
+    seed) beside the gradient rows; shots_used never above n_shots, and below it when data.max_length
+    cannot hold them all (8 demonstrations of ~12 tokens do not fit 64); a metaicl method trains and
+    is scored both ways; identical numbers when re-run with the same seed."""
+    data = make_prepared_suite(tmp_path)
+    config = {
+        "base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [2, 8], "seeds": [0, 1],
+        "adaptations": ["gradient", "in_context"],
+        "adapt": {"optimizer": "sgd", "lr": 0.1, "steps": 2, "batch_size": 4},
+        "eval": {"batch_size": 16, "max_query_rows": 6},
+        "data": {"chat_template": "none", "max_length": 64},
+        "train_overrides": ["trainer.total_training_steps=2", "meta.meta_batch_size=2", "meta.inner_batch_size=4",
+                            "meta.outer_lr=0.003", "meta.inner_lr=0.1", "meta.num_inner_steps=2"],
+        "methods": [{"name": "metaicl", "config_name": "metaicl", "overrides": ["meta.metaicl_demos=3"]},
+                    {"name": "existing", "checkpoint": str(trained / "run" / "step_2")}],
+        "output_dir": str(tmp_path / "bench"),
+    }
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    out = tmp_path / "bench"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    methods = {"base", "sft", "metaicl", "existing"}
+    assert {r["method"] for r in rows} == methods
+    for adaptation in ("gradient", "in_context"):
+        keys = [(r["method"], r["task"], r["n_shots"], r["seed"]) for r in rows if r["adaptation"] == adaptation]
+        assert len(keys) == len(set(keys)) == len(methods) * 2 * 2 * 2  # methods × tasks × n_shots × seeds
+    in_context = [r for r in rows if r["adaptation"] == "in_context"]
+    assert all(int(r["shots_used_min"]) <= float(r["shots_used"]) <= int(r["n_shots"]) for r in in_context)
+    assert all(float(r["shots_used"]) == 2 for r in in_context if r["n_shots"] == "2")
+    assert all(float(r["shots_used"]) < 8 for r in in_context if r["n_shots"] == "8")
+    assert all(r["adapt_lr"] == "" for r in in_context)
+    # In context, nothing is trained: the base model scores differently than after gradient steps.
+    base = {(r["adaptation"], r["task"], r["n_shots"], r["seed"]): r["query_loss"] for r in rows if r["method"] == "base"}
+    assert any(base[("in_context",) + k[1:]] != v for k, v in base.items() if k[0] == "gradient")
+    table = (out / "results.md").read_text()
+    assert "| metaicl | in_context | 8 |" in table and "| base | gradient | 2 |" in table
+    result = json.loads((out / "results.json").read_text())
+    assert {(e["method"], e["adaptation"]) for e in result["summary"]} == {(m, a) for m in methods
+                                                                          for a in ("gradient", "in_context")}
+    config["output_dir"] = str(tmp_path / "again")
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "again.yaml")]) == 0
+    assert (out / "results.csv").read_text() == (tmp_path / "again" / "results.csv").read_text()
+
+
+def test_bench_refuses_unknown_adaptations(tmp_path, tiny_llama_dir, capsys):
+    data = make_prepared_suite(tmp_path)
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_llama_dir), "tasks_dir": str(data),
+                                                    "adaptations": ["gradient", "prompting"]}))
+    assert main(["bench", "--config", str(tmp_path / "b.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adaptations" in err[0] and "prompting" in err[0]

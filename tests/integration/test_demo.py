@@ -8,8 +8,9 @@ import pytest
 from metasft.cli import main
 
 
-def _mean(path, method: str, metric: str, n_shots: str = "10") -> float:
-    values = [float(r[metric]) for r in csv.DictReader(open(path)) if r["method"] == method and r["n_shots"] == n_shots]
+def _mean(path, method: str, metric: str, n_shots: str = "10", adaptation: str = "gradient") -> float:
+    values = [float(r[metric]) for r in csv.DictReader(open(path))
+              if r["method"] == method and r["n_shots"] == n_shots and r["adaptation"] == adaptation]
     return sum(values) / len(values)
 
 

@@ -28,7 +28,9 @@ COMMON = ["meta.meta_batch_size=2", "meta.inner_batch_size=3", "meta.query_batch
 
 CASES = [(algorithm, lora, []) for algorithm in ("fomaml", "maml", "reptile", "sft") for lora in (False, True)]
 CASES += [("reptile", lora, ["meta.inner_optimizer=adam"]) for lora in (False, True)]
-IDS = [f"{a}-{'lora' if lora else 'full'}{'-inner_adam' if extra else ''}" for a, lora, extra in CASES]
+CASES += [("metaicl", False, ["meta.metaicl_demos=2"])]
+IDS = [f"{a}-{'lora' if lora else 'full'}{('-' + extra[0].split('.')[-1].split('=')[0]) if extra else ''}"
+       for a, lora, extra in CASES]
 
 
 def train(model_dir, run_dir, args, stop_after=None, monkeypatch=None):
