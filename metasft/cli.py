@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic suite and a tiny model (CPU, minutes)",
                        description="Generate the cipher suite, build and pretrain a tiny Llama, meta-train sft/fomaml/"
-                                   "reptile/maml/meta_lora on the same budget of work, benchmark them on held-out tasks.")
+                                   "reptile/maml/meta_lora/metaicl on the same budget of work, benchmark them on held-out "
+                                   "tasks (gradient adaptation and in context).")
     p.add_argument("--out", default="metasft-demo", metavar="DIR", help="output directory (default ./metasft-demo)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seeds everything random: suite keys and splits, model init, task sampling, shots (default 0)")
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="work per method, in FOMAML meta-steps; others get the same forward/backward passes (default 300)")
     p.add_argument("--pretrain-steps", type=int, default=600, metavar="N",
                    help="multi-task steps that pretrain the tiny base on the transform family (default 600)")
-    p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora")
+    p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora,metaicl")
     p.add_argument("--n-shots", type=int, nargs="+", default=[10, 50], metavar="N", help="default 10 50")
     _add_common(p)
     p.set_defaults(func=cmd_demo)

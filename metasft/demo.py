@@ -8,10 +8,12 @@
 2. builds a tiny Llama (2 layers, 64 wide) and a byte-level BPE tokenizer locally, and *pretrains* it
    on a disjoint family of fixed digit transforms (``copy:``, ``next:``, …): every method starts from
    that base, as real use starts from a pretrained LM;
-3. meta-trains ``sft``, ``fomaml``, ``reptile``, ``maml`` and ``meta_lora`` on the same budget of work;
+3. meta-trains ``sft``, ``fomaml``, ``reptile``, ``maml``, ``meta_lora`` and ``metaicl`` on the same
+   budget of work;
 4. benchmarks them and the pretrained base on the held-out keys (``metasft bench``), each trained
-   method at its best checkpoint on the validation keys, prints the table and writes
-   ``adaptation.png`` and ``training_curves.png``.
+   method at its best checkpoint on the validation keys, adapted by gradient steps *and* in context
+   (the same shots in the prompt), prints the table and writes ``adaptation.png`` and
+   ``training_curves.png``.
 
 **Budget in work, not seconds.** Every method gets the same number of forward/backward passes over
 the same kind of batches: ``--steps`` FOMAML meta-steps of ``meta_batch_size`` tasks × (K inner + 1
@@ -72,6 +74,9 @@ METHODS: dict[str, tuple[str, dict, int]] = {
     "meta_lora": ("meta_lora", {"model.lora_rank": 16, "model.lora_alpha": 16,
                                 "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                          "down_proj", "lm_head"]}, K + 1),
+    # MetaICL: SFT on rows of METAICL_DEMOS same-key demonstrations + one example, one pass per
+    # task and step like SFT (over rows about METAICL_DEMOS + 1 times longer).
+    "metaicl": ("metaicl", {"meta.metaicl_demos": 10}, 1),
 }
 ADAPT_LR_GRID = [0.03, 0.1, 0.3]  # each method's adaptation lr, chosen on the validation tasks
 NUM_TRAIN, NUM_VALIDATION, NUM_TEST = 200, 10, 20
@@ -97,7 +102,9 @@ def write_bench_config(out: Path, base_model: Path, steps: int, seed: int, metho
         "seeds": [seed],
         "adapt": {"optimizer": "sgd", "lr": INNER_LR, "lr_grid": ADAPT_LR_GRID, "steps": K, "batch_size": ROWS},
         "eval": {"batch_size": 50, "max_query_rows": 50},
-        "data": {"chat_template": "none", "max_length": 64},
+        # Long enough for 50 in-context shots of ~12 tokens before a query.
+        "data": {"chat_template": "none", "max_length": 1024},
+        "adaptations": ["gradient", "in_context"],
         "train_overrides": [_override(k, v) for k, v in common.items()],
         "metric": "exact_match",
         # Every method is scored at its best checkpoint on the validation keys: FOMAML, META-LoRA and
@@ -193,6 +200,11 @@ def _verdict(result: dict, console, n_shots: int) -> None:
     """Say plainly, per method, whether meta-learning beat multi-task SFT at the fewest shots."""
     at = {e["method"]: e for e in result["summary"]
           if e["n_shots"] == n_shots and e["adaptation"] == "gradient" and "exact_match" in e}
+    in_context = {e["method"]: e for e in result["summary"]
+                  if e["n_shots"] == n_shots and e["adaptation"] == "in_context" and "exact_match" in e}
+    if in_context:
+        console.print(f"In context at {n_shots} shots (no gradient step), exact match: " + ", ".join(
+            f"{m} {e['exact_match']:.3f}" for m, e in in_context.items()) + ".", markup=False, highlight=False)
     if "sft" not in at:
         return
     sft = at["sft"]

@@ -39,7 +39,7 @@ def test_demo_gives_every_method_the_same_forward_backward_passes(tmp_path):
     passes = {}
     for method in resolve_methods(cfg, tmp_path, num_train_tasks=200)[1:]:  # [0] is the base model
         train = method.train_config
-        per_task = {"sft": 1, "reptile": train.meta.num_inner_steps}.get(train.meta.algorithm,
+        per_task = {"sft": 1, "metaicl": 1, "reptile": train.meta.num_inner_steps}.get(train.meta.algorithm,
                                                                            train.meta.num_inner_steps + 1)
         passes[method.name] = train.trainer.total_training_steps * TASKS_PER_STEP * per_task
         assert train.meta.meta_batch_size == TASKS_PER_STEP and train.trainer.seed == 0
