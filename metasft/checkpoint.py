@@ -6,7 +6,9 @@ A checkpoint directory holds
   LoRA: the peft adapter, ``AutoPeftModelForCausalLM.from_pretrained``), and the tokenizer;
 * ``metasft_config.yaml``: the resolved run config;
 * ``trainer_state.json``: step, batch-schedule positions, counters (plain JSON);
-* ``optimizer.pt``: outer-optimizer state and RNG states, read back with ``weights_only=True``.
+* ``optimizer.pt``: outer-optimizer state and RNG states, read back with ``weights_only=True``;
+* ``inner_lrs.safetensors`` (with ``meta.learn_inner_lr``): the learned inner rates, keyed by
+  meta-parameter name (a scalar per tensor, or one value per inner step).
 
 It is written under a temporary name and renamed into place when complete, so a crash at any
 moment leaves either the previous checkpoint set or the new one, never a partial one that
@@ -34,6 +36,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 CONFIG_FILE = "metasft_config.yaml"
+INNER_LRS_FILE = "inner_lrs.safetensors"
 
 
 def step_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -69,7 +72,8 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, config_yaml: str,
                     optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep: int | None = None,
-                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+                    model_state: dict | None = None, optimizer_state: dict | None = None,
+                    inner_lrs: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``run_dir/step_<step>`` atomically and prune to the newest ``keep``.
 
     ``model_state`` / ``optimizer_state`` are full (gathered) state dicts under FSDP; by default
@@ -88,6 +92,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, con
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+        if inner_lrs is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in inner_lrs.items()}, tmp / INNER_LRS_FILE)
         faults.point("checkpoint.after_weights", step)
         torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state, "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -161,11 +169,25 @@ def read_model_weights(checkpoint: str | os.PathLike, lora: bool) -> dict[str, t
         return {re.sub(r"\.(lora_[AB])\.", r".\1.default.", k): v for k, v in state.items()}
     state: dict[str, torch.Tensor] = {}
     for file in sorted(checkpoint.glob("*.safetensors")):
-        if not file.name.startswith("adapter_"):
+        if not file.name.startswith("adapter_") and file.name != INNER_LRS_FILE:
             state.update(load_file(file))
     if not state:
         raise MetasftError(f"{checkpoint}: no model safetensors (is this a full-weight checkpoint?)")
     return state
+
+
+def read_inner_lrs(checkpoint: str | os.PathLike, required: bool = False) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's learned inner rates by meta-parameter name (None when it has none)."""
+    path = Path(checkpoint) / INNER_LRS_FILE
+    if not path.is_file():
+        if required:
+            raise MetasftError(f"{checkpoint}: no {INNER_LRS_FILE}, but the run learns inner rates "
+                               "(meta.learn_inner_lr); resume it with the settings it was made with")
+        return None
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file
+        raise MetasftError(f"{path}: unreadable ({exc})") from exc
 
 
 def load_model_weights(model, checkpoint: str | os.PathLike, lora: bool) -> None:

@@ -81,6 +81,13 @@ class MetaConfig:
     tasks_per_pass: Optional[int] = _f(None, "With task batching: at most this many tasks per batched pass (null = all "
                                              "of a rank's tasks). Full-weight batching holds one copy of the weights "
                                              "per task in a pass; lower this to trade speed for memory.")
+    learn_inner_lr: Literal["none", "per_tensor", "per_tensor_per_step"] = _f(
+        "none", "Meta-learn the inner learning rate (Meta-SGD / MAML++): none (one fixed meta.inner_lr), "
+                "per_tensor (an α per meta-parameter tensor), or per_tensor_per_step (one per tensor and inner "
+                "step). maml and fomaml only; initialised at meta.inner_lr, kept >= 0; saved in each "
+                "checkpoint's inner_lrs.safetensors and used by adapt/bench.")
+    inner_lr_lr: float = _f(1e-3, "Outer learning rate of the learned inner rates (their own optimizer group, "
+                                  "same schedule, no weight decay, not clipped).")
     metaicl_demos: int = _f(4, "metaicl: demonstrations of the same task rendered before each training example "
                                "(fewer when data.max_length does not fit them).")
     metaicl_loss: Literal["target", "all"] = _f("target", "metaicl: train on the final example's response only, or "
@@ -177,6 +184,14 @@ class Config:
             reason = task_batching_conflict(self)
             if reason:
                 raise ConfigError(f"meta.task_batching=true: {reason}; set it to auto or false")
+        if meta.learn_inner_lr != "none":
+            if meta.algorithm not in ("maml", "fomaml"):
+                raise ConfigError(f"meta.learn_inner_lr={meta.learn_inner_lr}: defined for maml and fomaml only, "
+                                  f"not {meta.algorithm}")
+            if model.use_fsdp:
+                raise ConfigError(f"meta.learn_inner_lr={meta.learn_inner_lr}: not supported under FSDP "
+                                  "(model.use_fsdp); use the task-parallel strategy")
+            _positive("meta.inner_lr_lr", meta.inner_lr_lr)
         if meta.inner_optimizer == "adam" and meta.algorithm != "reptile":
             raise ConfigError(f"meta.inner_optimizer=adam is only defined for reptile, not {meta.algorithm}")
         if meta.tasks and meta.tasks_dir:

@@ -19,8 +19,8 @@ import torch
 from metasft import distributed, faults
 from metasft.adapt import adapt_and_score
 from metasft.algorithms import InnerLoop, build_algorithm
-from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_model_weights,
-                                read_trainer_state, recover_run_dir, save_checkpoint)
+from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_inner_lrs,
+                                read_model_weights, read_trainer_state, recover_run_dir, save_checkpoint)
 from metasft.config import Config
 from metasft.data.episodes import EpisodeSampler
 from metasft.data.tasks import load_tasks
@@ -39,15 +39,22 @@ def resolve_device(name: str, env: distributed.DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params: list[torch.nn.Parameter],
+                    rates: list[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """The outer optimizer of θ, with learned inner rates (``rates``) as a second group at
+    ``meta.inner_lr_lr`` (``lr_scale`` keeps that ratio under the schedule) and no weight decay."""
     o = cfg.optim
     # The fused kernels (CPU and CUDA) update every parameter in one pass: AdamW's step is ~6×
     # faster than foreach on CPU. FSDP2's sharded DTensor parameters keep the foreach path.
     kernel = {"foreach": True} if distributed.has_dtensors(params) else {"fused": True}
+    groups = [{"params": list(params), "lr_scale": 1.0}]
+    if rates:
+        groups.append({"params": list(rates), "lr_scale": cfg.meta.inner_lr_lr / cfg.meta.outer_lr,
+                       "lr": cfg.meta.inner_lr_lr, "weight_decay": 0.0})
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.meta.outer_lr, momentum=o.momentum, weight_decay=o.weight_decay,
+        return torch.optim.SGD(groups, lr=cfg.meta.outer_lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                **kernel)
-    return torch.optim.AdamW(params, lr=cfg.meta.outer_lr, betas=tuple(o.betas), eps=o.eps,
+    return torch.optim.AdamW(groups, lr=cfg.meta.outer_lr, betas=tuple(o.betas), eps=o.eps,
                              weight_decay=o.weight_decay, **kernel)
 
 
@@ -128,7 +135,7 @@ def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimi
     task_metrics = accumulate_meta_gradient(engine, algorithm, episodes, algorithm.task_weight(num_tasks), want_pre,
                                             tasks_per_pass)
     if not sharded:  # under FSDP the gradients arrived already reduced, sharded like θ
-        distributed.all_reduce_sum_(engine.meta_grad)
+        distributed.all_reduce_sum_(engine.meta_grad + engine.rates_meta_grad)
     sums = [sum(m.tokens for m in task_metrics), float(not all(m.finite for m in task_metrics)),
             sum(m.extra.get("loss_part", 0.0) for m in task_metrics)]
     for attr in ("query_loss_pre", "query_loss_post", "support_loss_first"):
@@ -139,15 +146,21 @@ def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimi
         # Every rank saw every task: per-task values are partial sums over ranks, counts are not.
         sums[4::2] = [count / world_size for count in sums[4::2]]
     grad_norm = engine.meta_grad_norm(sharded=sharded)
-    applied = sums[1] == 0 and math.isfinite(grad_norm)
+    rates_finite = all(bool(torch.isfinite(g).all()) for g in engine.rates_meta_grad)
+    applied = sums[1] == 0 and math.isfinite(grad_norm) and rates_finite
     if applied:
-        if clip_grad is not None:
+        if clip_grad is not None:  # θ's meta-gradient; the rates' group is not clipped (AdamW scales it)
             engine.clip_meta_grad(clip_grad, grad_norm)
         engine.write_meta_grad()
         engine.before_param_write()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        engine.project_rates()
     metrics = {"applied": applied, "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens": int(sums[0])}
+    if engine.rates:
+        values = torch.cat([r.detach().flatten() for r in engine.rates])
+        metrics.update(inner_lr_mean=float(values.mean()), inner_lr_min=float(values.min()),
+                       inner_lr_max=float(values.max()))
     for i, name in enumerate(("query_loss_pre", "query_loss_post", "support_loss")):
         total, count = sums[3 + 2 * i], sums[4 + 2 * i]
         metrics[name] = total / count if count else None
@@ -213,12 +226,12 @@ class Trainer:
         self.engine = InnerLoop(self.model, self.named_params, cfg.meta.inner_lr, cfg.meta.num_inner_steps,
                                 autocast_dtype=(torch.bfloat16 if cfg.trainer.precision == "bf16" and not self.fsdp
                                                 else None),  # under FSDP its mixed-precision policy casts
-                                grad_via_backward=self.fsdp)
+                                grad_via_backward=self.fsdp, learn_inner_lr=cfg.meta.learn_inner_lr)
         if self.fsdp:
             from metasft.fsdp import reshard_all
 
             self.engine.before_param_write = lambda: reshard_all(self.model)
-        self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params])
+        self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params], self.engine.rates)
         self.tasks_per_pass, self.batching_off_reason = resolve_tasks_per_pass(
             cfg, num_meta_params=sum(p.numel() for _, p in self.named_params))
         self.step = 0
@@ -252,6 +265,8 @@ class Trainer:
             load_full_optimizer_state(self.model, self.optimizer, load_optimizer_state(checkpoint, None))
         else:
             load_model_weights(self.model, checkpoint, lora=self.lora)
+            if self.engine.rates:
+                self.engine.load_rates(read_inner_lrs(checkpoint, required=True))
             load_optimizer_state(checkpoint, self.optimizer)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
@@ -276,7 +291,8 @@ class Trainer:
                      "world_size": self.env.world_size}
             path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.cfg.to_yaml(),
                                    self.optimizer, state, keep=self.cfg.trainer.keep, model_state=model_state,
-                                   optimizer_state=optimizer_state)
+                                   optimizer_state=optimizer_state,
+                                   inner_lrs=self.engine.rates_by_name() if self.engine.rates else None)
         distributed.barrier()
         return path
 
@@ -285,7 +301,7 @@ class Trainer:
         cfg = self.cfg
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         started = time.perf_counter()
         mine = (lambda ids: ids) if self.fsdp else (lambda ids: distributed.shard(ids, self.env))
         episodes, num_tasks = self.sampler.episodes(self.step, mine=mine)

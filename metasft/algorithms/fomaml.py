@@ -3,6 +3,9 @@
     φ_i = θ − α Σ_k ∇L_support,k(φ_i,k)        (K plain-SGD steps, no graph kept)
     g   = mean_i ∇_φ L_query(φ_i)               (the query gradient at the adapted weights)
 
+With learned inner rates (``meta.learn_inner_lr``) α is a meta-parameter too; its first-order
+gradient is −⟨∇_φ L_query(φ_i), g_k⟩ per tensor (``InnerLoop.accumulate_first_order_rates``).
+
 With LoRA on (``model.lora_rank > 0``) this is META-LoRA: θ is only the adapter weights.
 """
 
@@ -25,7 +28,9 @@ class FOMAML(MetaAlgorithm):
         query_loss = engine.loss(episode.query_batch)
         metrics.query_loss_post = float(query_loss.detach())
         metrics.tokens += _tokens(episode.query_batch)
-        engine.accumulate(engine.grad(query_loss), weight)
+        grads = engine.grad(query_loss)
+        engine.accumulate(grads, weight)
+        engine.accumulate_first_order_rates(grads, weight)  # learned inner rates only
         return metrics
 
     def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
@@ -37,4 +42,5 @@ class FOMAML(MetaAlgorithm):
         engine.record_query_losses(batch, metrics, query_losses, "query_loss_post", count_tokens=True)
         grads = engine.grad(query_losses.sum(), list(adapted.values()))  # [T, ...]: task t's in slice t
         engine.accumulate([g.sum(0) for g in grads], weight)
+        engine.accumulate_first_order_rates(grads, weight)  # learned inner rates only
         return metrics

@@ -18,6 +18,11 @@ are made of:
   ``torch.func.vmap`` over ``functional_call`` per inner step, so T tasks cost one pass of T-times
   larger operations instead of T passes (see "Task batching" below).
 
+With learned inner rates (``meta.learn_inner_lr``, Meta-SGD / MAML++) every meta-parameter has its
+own α — one per tensor, or one per tensor and inner step — in ``rates``; the inner steps use them,
+and ``rates_meta_grad`` collects their meta-gradient (exact through the graph for MAML, the
+first-order expression for FOMAML: :meth:`InnerLoop.accumulate_first_order_rates`).
+
 Each algorithm then adds its task's contribution into ``meta_grad``; the trainer all-reduces it,
 writes it to ``.grad`` and steps the outer optimizer.
 """
@@ -117,7 +122,8 @@ class InnerLoop:
 
     def __init__(self, model: torch.nn.Module, named_params: list[tuple[str, torch.nn.Parameter]],
                  inner_lr: float, num_inner_steps: int, autocast_dtype: torch.dtype | None = None,
-                 force_math_attention: bool = True, grad_via_backward: bool = False):
+                 force_math_attention: bool = True, grad_via_backward: bool = False,
+                 learn_inner_lr: str = "none"):
         if not named_params:
             raise ValueError("InnerLoop needs at least one trainable parameter")
         self.model = model
@@ -138,6 +144,94 @@ class InnerLoop:
         with torch.no_grad():
             self.theta = [p.detach().clone() for p in self.params]
             self.meta_grad = [torch.zeros_like(p) for p in self.params]
+        # Learned inner rates: α per meta-parameter, shape [] (per_tensor) or [K] (per step),
+        # initialised at inner_lr. ``learning_rates``: the inner steps record what the first-order
+        # α-gradient needs (training); adapting with loaded rates does not.
+        self.rates: list[torch.nn.Parameter] = []
+        self.rates_meta_grad: list[torch.Tensor] = []
+        self.learning_rates = learn_inner_lr != "none"
+        self._inner_grads: list | None = None
+        if self.learning_rates:
+            shape = (num_inner_steps,) if learn_inner_lr == "per_tensor_per_step" else ()
+            self.set_rates([torch.full(shape, float(inner_lr), device=self.device) for _ in self.params])
+
+    # ------------------------------------------------------------------ learned inner rates
+    def set_rates(self, values: list[torch.Tensor]) -> None:
+        """Give every meta-parameter its own inner rate (a scalar, or one per inner step)."""
+        self.rates = [torch.nn.Parameter(v.detach().clone().float().to(self.device)) for v in values]
+        self.rates_meta_grad = [torch.zeros_like(r) for r in self.rates]
+
+    def load_rates(self, by_name: dict[str, torch.Tensor], source: str = "inner_lrs.safetensors") -> None:
+        """Set the rates from a checkpoint's ``inner_lrs.safetensors`` (every meta-parameter's)."""
+        from metasft.errors import MetasftError
+
+        missing = [n for n in self.names if n not in by_name]
+        if missing:
+            raise MetasftError(f"{source}: no inner rate for {missing[0]} (was it saved for another model or scope?)")
+        values = [by_name[n] for n in self.names]
+        if self.rates and any(v.shape != r.shape for v, r in zip(values, self.rates)):
+            raise MetasftError(f"{source}: rates of shape {tuple(values[0].shape)} do not fit meta.learn_inner_lr "
+                               f"(shape {tuple(self.rates[0].shape)})")
+        if self.rates:
+            with torch.no_grad():
+                for rate, value in zip(self.rates, values):
+                    rate.copy_(value)
+        else:
+            self.set_rates(values)
+
+    def rates_by_name(self) -> dict[str, torch.Tensor]:
+        return {name: r.detach().clone() for name, r in zip(self.names, self.rates)}
+
+    def _rate(self, index: int, step: int) -> torch.Tensor:
+        rate = self.rates[index]
+        # Per-step rates beyond the K that were learnt (an adaptation of more steps) keep the last.
+        return rate if rate.dim() == 0 else rate[min(step, rate.shape[0] - 1)]
+
+    def _step_rates(self, step: int) -> list[float]:
+        return [float(self._rate(i, step)) for i in range(len(self.params))]
+
+    def _record_inner_grads(self, step: int, grads: list[torch.Tensor]) -> None:
+        """Keep what the first-order α-gradient needs: Σ_k g_k per tensor, or every g_k per step."""
+        if not self.learning_rates:
+            return
+        with torch.no_grad():
+            if self.rates[0].dim() > 0:
+                self._inner_grads.append([g.detach().clone() for g in grads])
+            elif step == 0:
+                self._inner_grads = [[g.detach().clone() for g in grads]]
+            else:
+                torch._foreach_add_(self._inner_grads[0], [g.detach() for g in grads])
+
+    @torch.no_grad()
+    def accumulate_first_order_rates(self, query_grads: list[torch.Tensor], weight: float) -> None:
+        """FOMAML's α-gradient × ``weight`` into ``rates_meta_grad``.
+
+        The first-order approximation treats each inner gradient g_k as a constant, so
+        φ_K = θ − Σ_k α_k ⊙ g_k and ∂L_query(φ_K)/∂α_k = −⟨∇_φ L_query(φ_K), g_k⟩ over the tensor's
+        elements; with one α per tensor (all steps) it is −⟨∇_φ L_query, Σ_k g_k⟩. Stacked [T, ...]
+        gradients (task batching) give the sum over the T tasks."""
+        if not self.learning_rates:
+            return
+        for i, (rate, q) in enumerate(zip(self.rates_meta_grad, query_grads)):
+            dots = torch.stack([-(q.detach() * step_grads[i]).sum() for step_grads in self._inner_grads])
+            rate.add_((dots if rate.dim() > 0 else dots.sum()).to(rate.dtype), alpha=weight)
+        self._inner_grads = None
+
+    def accumulate_through_inner_loop(self, loss: torch.Tensor, weight: float) -> None:
+        """MAML: ∇_θ ``loss`` through the inner loop (and ∇_α with learned rates) × ``weight``."""
+        if not self.learning_rates:
+            self.accumulate(self.grad(loss), weight)
+            return
+        grads = self.grad(loss, self.params + self.rates)
+        self.accumulate(grads[:len(self.params)], weight)
+        with torch.no_grad():
+            torch._foreach_add_(self.rates_meta_grad, grads[len(self.params):], alpha=weight)
+
+    @torch.no_grad()
+    def project_rates(self) -> None:
+        """Keep every α ≥ 0 after an outer step (a negative rate would ascend the support loss)."""
+        for rate in self.rates:
+            rate.clamp_(min=0.0)
 
     # ------------------------------------------------------------------ θ bookkeeping
     @torch.no_grad()
@@ -152,6 +246,8 @@ class InnerLoop:
     @torch.no_grad()
     def zero_meta_grad(self) -> None:
         torch._foreach_zero_(_local(self.meta_grad))
+        if self.rates_meta_grad:
+            torch._foreach_zero_(self.rates_meta_grad)
 
     @torch.no_grad()
     def accumulate(self, grads: list[torch.Tensor], weight: float) -> None:
@@ -180,7 +276,7 @@ class InnerLoop:
         """Leave the meta-gradient in ``.grad`` for the outer optimizer (and clipping)."""
         # The buffer itself, not a copy: optimizers read .grad without modifying it, and the buffer
         # is zeroed at the start of the next meta-step.
-        for param, grad in zip(self.params, self.meta_grad):
+        for param, grad in zip(self.params + self.rates, self.meta_grad + self.rates_meta_grad):
             param.grad = grad
 
     # ------------------------------------------------------------------ losses and gradients
@@ -233,12 +329,18 @@ class InnerLoop:
         """φ ← φ − α ∇L_support(φ) for each batch, on the model's parameters (first order).
 
         With ``optimizer`` (Reptile's optional inner Adam) that optimizer steps instead of SGD."""
+        if self.learning_rates:
+            self._inner_grads = []
         for step, batch in enumerate(support_batches):
             loss = self.loss(batch)
             _record_inner_step(metrics, step, batch, loss)
             grads = self.grad(loss)
+            self._record_inner_grads(step, grads)
             self.before_param_write()
-            if optimizer is None:
+            if optimizer is None and self.rates:
+                with torch.no_grad():
+                    torch._foreach_sub_(_local(self.params), torch._foreach_mul(_local(grads), self._step_rates(step)))
+            elif optimizer is None:
                 with torch.no_grad():
                     torch._foreach_add_(_local(self.params), _local(grads), alpha=-self.inner_lr)
             else:
@@ -256,6 +358,9 @@ class InnerLoop:
             loss = self.loss(batch, weights, double_backward=create_graph)
             _record_inner_step(metrics, step, batch, loss)
             grads = self.grad(loss, list(weights.values()), create_graph=create_graph)
+            if self.rates:  # α in the graph: MAML differentiates through it too
+                weights = {name: w - self._rate(i, step) * g for i, ((name, w), g) in enumerate(zip(weights.items(), grads))}
+                continue
             # torch.add with alpha: one differentiable op per tensor instead of a mul and a sub.
             weights = {name: torch.add(w, g, alpha=-self.inner_lr) for (name, w), g in zip(weights.items(), grads)}
         return weights
@@ -304,16 +409,24 @@ class InnerLoop:
             weights = {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_()
                        for n, p in zip(self.names, self.params)}
         adam = _StackedAdam(self.inner_lr) if inner_optimizer == "adam" else None
+        if self.learning_rates:
+            self._inner_grads = []
         for step, support in enumerate(batch.support):
             losses = self.batched_losses(weights, support, double_backward=create_graph)
             for value, m, ep in zip(losses.detach().tolist(), metrics, batch.episodes):
                 _record_inner_step(m, step, ep.support_batches[step], value)
             grads = self.grad(losses.sum(), list(weights.values()), create_graph=create_graph)
+            if create_graph and self.rates:
+                weights = {n: w - self._rate(i, step) * g for i, ((n, w), g) in enumerate(zip(weights.items(), grads))}
+                continue
             if create_graph:
                 weights = {n: torch.add(w, g, alpha=-self.inner_lr) for (n, w), g in zip(weights.items(), grads)}
                 continue
+            self._record_inner_grads(step, grads)
             with torch.no_grad():
-                if adam is None:
+                if adam is None and self.rates:
+                    new = [w - rate * g for w, g, rate in zip(weights.values(), grads, self._step_rates(step))]
+                elif adam is None:
                     new = [torch.add(w, g, alpha=-self.inner_lr) for w, g in zip(weights.values(), grads)]
                 else:
                     new = adam.step(list(weights.values()), grads)

@@ -4,6 +4,9 @@ Meta-Learning for Fast Adaptation of Deep Networks").
     φ_i(θ) = θ − α Σ_k ∇L_support,k(φ_i,k(θ))   (graph kept: create_graph=True)
     g      = mean_i ∇_θ L_query(φ_i(θ))           (backpropagates through every inner step)
 
+With learned inner rates (``meta.learn_inner_lr``; Meta-SGD, MAML++) each step is φ − α ⊙ ∇L with α
+a meta-parameter in the same graph, so ∂/∂α comes from the same backward pass.
+
 Costs (9K+3)/(3K+3) times FOMAML's matmuls — one Hessian-vector product per inner step on top of
 FOMAML's passes; tests/unit/test_compute_cost.py counts them. The support passes need attention
 with a double backward: the engine forces the math SDPA kernel on them (only). The inner
@@ -30,7 +33,7 @@ class MAML(MetaAlgorithm):
         query_loss = engine.loss(episode.query_batch, adapted)
         metrics.query_loss_post = float(query_loss.detach())
         metrics.tokens += _tokens(episode.query_batch)
-        engine.accumulate(engine.grad(query_loss), weight)  # ∇ w.r.t. θ, through the inner loop
+        engine.accumulate_through_inner_loop(query_loss, weight)  # ∇ w.r.t. θ (and α), through the inner loop
         return metrics
 
     def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
@@ -41,5 +44,5 @@ class MAML(MetaAlgorithm):
         adapted = engine.adapt_batched(batch, metrics, create_graph=True)
         query_losses = engine.batched_losses(adapted, batch.query)
         engine.record_query_losses(batch, metrics, query_losses, "query_loss_post", count_tokens=True)
-        engine.accumulate(engine.grad(query_losses.sum()), weight)
+        engine.accumulate_through_inner_loop(query_losses.sum(), weight)
         return metrics
