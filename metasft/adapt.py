@@ -48,6 +48,18 @@ def adapt_rows(engine: InnerLoop, rows: list[Encoded], *, steps: int, batch_size
         engine.inner_lr = saved_lr
 
 
+def load_learned_rates(engine: InnerLoop, checkpoint) -> bool:
+    """Give ``engine`` the checkpoint's learned inner rates (``meta.learn_inner_lr``), if it has any:
+    the adaptation it was meta-trained for. Returns whether it had them."""
+    from metasft.checkpoint import INNER_LRS_FILE, read_inner_lrs
+
+    rates = read_inner_lrs(checkpoint)
+    if rates is None:
+        return False
+    engine.load_rates(rates, source=f"{checkpoint}/{INNER_LRS_FILE}")
+    return True
+
+
 def steps_for_epochs(num_rows: int, batch_size: int, epochs: int) -> int:
     return epochs * max(1, math.ceil(num_rows / batch_size)) if batch_size < num_rows else epochs
 
@@ -136,6 +148,10 @@ def adapt_command(args) -> Path:
     model.to(device).train()
     torch.manual_seed(args.seed)
     engine = InnerLoop(model, trainable_named_parameters(model), lr, steps)
+    learned = args.lr is None and load_learned_rates(engine, args.checkpoint)
+    if learned and args.optimizer != "sgd":
+        raise MetasftError(f"--optimizer {args.optimizer}: {args.checkpoint} has learned inner rates, which are SGD "
+                           "step sizes; give --lr to adapt with another optimizer")
     adapt_rows(engine, shots, steps=steps, batch_size=batch_size, lr=lr, seed=args.seed, task="adapt",
                pad_token_id=tokenizer.pad_token_id, optimizer=args.optimizer)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +160,8 @@ def adapt_command(args) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n_shots": args.n_shots, "steps": steps,
-                "batch_size": batch_size, "lr": lr, "optimizer": args.optimizer, "seed": args.seed}
+                "batch_size": batch_size, "lr": "learned" if learned else lr, "optimizer": args.optimizer,
+                "seed": args.seed}
         (tmp / "adapt_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if output.exists():
             output.rmdir()
@@ -152,6 +169,6 @@ def adapt_command(args) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"metasft: adapted {args.checkpoint} on {args.n_shots} rows ({steps} {args.optimizer} steps, lr {lr:g}) "
-          f"-> {output}")
+    how = "the checkpoint's learned inner rates" if learned else f"lr {lr:g}"
+    print(f"metasft: adapted {args.checkpoint} on {args.n_shots} rows ({steps} {args.optimizer} steps, {how}) -> {output}")
     return output

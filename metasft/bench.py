@@ -303,7 +303,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     rate used per n_shots, and the validation rows behind the choice."""
     import torch
 
-    from metasft.adapt import adapt_rows, select_shots
+    from metasft.adapt import adapt_rows, load_learned_rates, select_shots
     from metasft.algorithms import InnerLoop
     from metasft.checkpoint import load_pretrained
     from metasft.data.in_context import render_in_context
@@ -314,6 +314,9 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     model.to(device)
     model.train()
     engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps)
+    # A checkpoint with learned inner rates adapts with them (SGD), the adaptation it was trained for;
+    # there is then no learning rate to choose.
+    learned = cfg.adapt.optimizer == "sgd" and load_learned_rates(engine, checkpoint)
     engine.snapshot()
 
     def score(task, n_shots: int, seed: int, lr: float) -> dict:
@@ -324,7 +327,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
         shots = [task.support[i] for i in select_shots(len(task.support), n_shots, seed, task.name)]
         started = time.perf_counter()
         adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, n_shots),
-                   lr=lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
+                   lr=cfg.adapt.lr if lr is None else lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
                    optimizer=cfg.adapt.optimizer)
         adapt_seconds = time.perf_counter() - started
         scores = evaluate_rows(model, tokenizer, query_rows, task.query_examples[: len(query_rows)],
@@ -333,7 +336,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
         engine.restore()
         on_done()
         return {"method": name, "adaptation": "gradient", "task": task.name, "n_shots": n_shots, "seed": seed,
-                **{m: scores.get(m) for m in METRICS}, "adapt_lr": lr, "shots_used": float(n_shots),
+                **{m: scores.get(m) for m in METRICS}, "adapt_lr": None if learned else lr, "shots_used": float(n_shots),
                 "shots_used_min": n_shots, "adapt_seconds": adapt_seconds}
 
     def score_in_context(task, n_shots: int, seed: int) -> dict:
@@ -361,7 +364,9 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
         rows += [score_in_context(task, n_shots, seed) for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
     if "gradient" not in cfg.adaptations:
         return rows, {}, validation_rows
-    if cfg.adapt.lr_grid:
+    if learned:
+        chosen = {n_shots: None for n_shots in cfg.n_shots}
+    elif cfg.adapt.lr_grid:
         for n_shots in cfg.n_shots:
             ranking = []
             for lr in cfg.adapt.lr_grid:
@@ -422,9 +427,11 @@ def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on
         for metric in ("exact_match", "rouge_l", "token_accuracy", "query_loss"):
             cells.append(f"{entry[metric]:.3f} ± {entry[metric + '_ci95']:.3f}" if metric in entry else "–")
         in_context = entry["adaptation"] == "in_context"
-        lr = None if in_context else methods_info.get(entry["method"], {}).get("adapt_lr", {}).get(str(entry["n_shots"]))
+        info = methods_info.get(entry["method"], {})
+        lr = None if in_context else info.get("adapt_lr", {}).get(str(entry["n_shots"]))
+        shown = "learned" if info.get("learned_inner_lrs") and not in_context else "–" if lr is None else f"{lr:g}"
         lines.append(f"| {entry['method']} | {entry['adaptation']} | {entry['n_shots']} | {entry['shots_used']:.1f} | "
-                     f"{'–' if lr is None else f'{lr:g}'} | " + " | ".join(cells) + " |")
+                     f"{shown} | " + " | ".join(cells) + " |")
     if chosen_on:
         lines += ["", f"Adaptation learning rates were chosen per method and n_shots on {len(chosen_on)} validation "
                       "tasks (validation.csv), never on the held-out tasks above."]
@@ -523,6 +530,46 @@ def plot_training_curves(curves: dict[str, list[dict]], metric: str, path: Path)
     _finish_figure(fig, axes, "Training curves: validation tasks, adapted as during meta-training", path)
 
 
+def plot_inner_lrs(files: dict[str, str], path: Path) -> None:
+    """The learned inner rates of each method that has them: α against layer, a line per kind of
+    tensor (and per inner step where the rates are per step)."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from safetensors.torch import load_file
+
+    fig, axes = plt.subplots(1, len(files), figsize=(6.5 * len(files), 4.4), squeeze=False)
+    for ax, (method, file) in zip(axes[0], files.items()):
+        rates = load_file(file)
+        layers = [int(m.group(1)) for n in rates if (m := re.search(r"layers\.(\d+)\.", n))]
+        top = max(layers, default=0) + 1
+        lines: dict[str, list[tuple[int, list[float]]]] = {}
+        for name, value in rates.items():
+            match = re.search(r"layers\.(\d+)\.(.*)", name)
+            layer = int(match.group(1)) if match else (-1 if "embed" in name else top)
+            kind = re.sub(r"\.(default\.)?weight$|\.default$", "", match.group(2) if match else name.split(".")[-2])
+            lines.setdefault(kind, []).append((layer, value.flatten().tolist()))
+        for kind, points in sorted(lines.items()):
+            points.sort()
+            steps = len(points[0][1])
+            for step in range(steps):
+                label = kind if steps == 1 else f"{kind} (step {step + 1})"
+                ax.plot([p[0] for p in points], [p[1][step] for p in points], marker="o", markersize=3,
+                        linestyle="-" if step == 0 else ":", label=label)
+        ax.set_title(method)
+        ax.set_xlabel(f"layer (-1: embeddings, {top}: head and final norm)")
+        ax.set_ylabel("learned inner learning rate α")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("Learned inner learning rates (meta.learn_inner_lr)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     # Wall times live in results.json: the CSV holds only what a seed determines, so two runs of
     # the same command give the same file.
@@ -618,6 +665,8 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         rows += method_rows
         validation_rows += method_validation
         entry["adapt_lr"] = {str(n): lr for n, lr in chosen.items()}
+        if cfg.adapt.optimizer == "sgd" and (checkpoint / "inner_lrs.safetensors").is_file():
+            entry["learned_inner_lrs"] = str(checkpoint / "inner_lrs.safetensors")
         entry["eval_seconds"] = time.perf_counter() - started
         console.print(f"[{index}/{len(methods)}] evaluated {method.name} on {len(tasks)} held-out tasks "
                       f"× n_shots {cfg.n_shots} × seeds {cfg.seeds} ({entry['eval_seconds']:.0f} s)",
@@ -648,6 +697,10 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     if curves:
         plot_training_curves(curves, cfg.metric, out / "training_curves.png")
         written.append("training_curves.png")
+    learned_files = {name: e["learned_inner_lrs"] for name, e in info.items() if "learned_inner_lrs" in e}
+    if learned_files:
+        plot_inner_lrs(learned_files, out / "inner_lrs.png")
+        written.append("inner_lrs.png")
     console.print(table, markup=False, highlight=False)
     console.print(f"wrote {out}/{', '.join(written)}", markup=False, highlight=False)
     return result

@@ -68,11 +68,14 @@ CASES = [(strategy, algorithm, extra)
          for strategy, algorithms in (("task-parallel", ("maml", "fomaml", "reptile", "sft")),
                                       ("fsdp", ("fomaml", "reptile", "sft")))
          for algorithm in algorithms for extra in ([], LORA)]
-CASES += [("task-parallel", "metaicl", ["meta.metaicl_demos=2"])]
+CASES += [("task-parallel", "metaicl", ["meta.metaicl_demos=2"]),
+          ("task-parallel", "maml", ["meta.learn_inner_lr=per_tensor", "meta.inner_lr_lr=0.5"]),
+          ("task-parallel", "fomaml", ["meta.learn_inner_lr=per_tensor_per_step", "meta.inner_lr_lr=0.5"])]
 
 
 @pytest.mark.parametrize("strategy,algorithm,extra", CASES,
-                         ids=[f"{s}-{a}-{'lora' if e == LORA else 'full'}" for s, a, e in CASES])
+                         ids=[f"{s}-{a}-{'lora' if e == LORA else 'full'}{'-' + e[0].split('=')[-1] if e and e != LORA else ''}"
+                              for s, a, e in CASES])
 def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extra):
     """The *update* (final − initial weights) on 2 ranks equals the 1-rank update, relative error
     ≤ 1e-4. Comparing updates, not weights: ‖θ‖ ≫ ‖Δθ‖ would hide a wrong update in the weights'
@@ -102,6 +105,14 @@ def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extr
         assert initial.keys() == single.keys()
         assert all(not v.any() for k, v in initial.items() if "lora_B" in k)
         groups = {part: [k for k in single if part in k] for part in ("lora_A", "lora_B")}
+    if any("learn_inner_lr" in e for e in extra):  # the learned rates took the same step too
+        groups = {"rates": None, **groups}
+        single_rates = load_file(tmp_path / "one" / f"step_{steps}" / "inner_lrs.safetensors")
+        multi_rates = load_file(tmp_path / "two" / f"step_{steps}" / "inner_lrs.safetensors")
+        initial_rates = {k: torch.full_like(v, 0.2) for k, v in single_rates.items()}
+        error, norm = relative_error(single_rates, multi_rates, initial_rates, list(single_rates))
+        assert norm > 0 and error <= 1e-4, ("rates", error, norm)
+        groups.pop("rates")
     for group, keys in groups.items():
         error, norm = relative_error(single, multi, initial, keys)
         _, norm_multi = relative_error(multi, single, initial, keys)

@@ -29,7 +29,9 @@ COMMON = ["meta.meta_batch_size=2", "meta.inner_batch_size=3", "meta.query_batch
 CASES = [(algorithm, lora, []) for algorithm in ("fomaml", "maml", "reptile", "sft") for lora in (False, True)]
 CASES += [("reptile", lora, ["meta.inner_optimizer=adam"]) for lora in (False, True)]
 CASES += [("metaicl", False, ["meta.metaicl_demos=2"])]
-IDS = [f"{a}-{'lora' if lora else 'full'}{('-' + extra[0].split('.')[-1].split('=')[0]) if extra else ''}"
+CASES += [("maml", False, ["meta.learn_inner_lr=per_tensor", "meta.inner_lr_lr=0.01"]),
+          ("fomaml", True, ["meta.learn_inner_lr=per_tensor_per_step", "meta.inner_lr_lr=0.01"])]
+IDS = [f"{a}-{'lora' if lora else 'full'}{('-' + extra[0].split('.')[-1].split('=')[-1]) if extra else ''}"
        for a, lora, extra in CASES]
 
 
@@ -77,6 +79,13 @@ def test_resume_is_bit_exact(tmp_path, tiny_llama_dir, monkeypatch, algorithm, l
     assert any(not torch.equal(a[k], mid[k]) for k in a)
     if lora:  # ... and with LoRA, B left its zero init, so A's gradient was non-zero too
         assert any("lora_B" in k and bool(a[k].abs().sum() > 0) for k in a)
+
+    # Learned inner rates moved and resumed exactly too.
+    if any("learn_inner_lr" in e for e in extra):
+        rates_a = load_file(tmp_path / "straight" / "step_4" / "inner_lrs.safetensors")
+        rates_b = load_file(broken / "step_4" / "inner_lrs.safetensors")
+        assert rates_a.keys() == rates_b.keys() and all(torch.equal(rates_a[k], rates_b[k]) for k in rates_a)
+        assert any(not torch.equal(v, torch.full_like(v, 0.1)) for v in rates_a.values())
 
     # The outer optimizer's state (AdamW moments and step counts) is identical as well.
     opt_a = torch.load(tmp_path / "straight" / "step_4" / "optimizer.pt", weights_only=True)["optimizer"]["state"]

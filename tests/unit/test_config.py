@@ -9,7 +9,7 @@ from metasft.errors import ConfigError
 @pytest.mark.parametrize("name", shipped_config_names())
 def test_every_shipped_config_loads_and_validates(name):
     cfg = load_config(name=name)
-    assert cfg.meta.algorithm in ("maml", "fomaml", "reptile", "sft")
+    assert cfg.meta.algorithm in ("maml", "fomaml", "reptile", "sft", "metaicl")
 
 
 def test_shipped_configs_include_the_seed_names():
@@ -71,6 +71,20 @@ def test_contradictions_are_refused():
         load_config(overrides=["meta.algorithm=maml", "model.use_fsdp=true"])
     with pytest.raises(ConfigError, match="both set"):
         load_config(overrides=["meta.tasks_dir=x", "meta.tasks=[{name: a, support_files: [x], query_files: [y]}]"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["meta.algorithm=reptile", "meta.learn_inner_lr=per_tensor"], "defined for maml and fomaml only, not reptile"),
+    (["meta.algorithm=sft", "meta.learn_inner_lr=per_tensor"], "defined for maml and fomaml only, not sft"),
+    (["meta.algorithm=fomaml", "meta.learn_inner_lr=per_tensor", "model.use_fsdp=true"], "not supported under FSDP"),
+    (["meta.algorithm=fomaml", "meta.learn_inner_lr=per_tensor", "meta.inner_lr_lr=0"], "meta.inner_lr_lr: 0.0 must be > 0"),
+    (["meta.learn_inner_lr=per_layer"], "meta.learn_inner_lr: 'per_layer' is not one of"),
+    (["meta.algorithm=metaicl", "meta.metaicl_demos=-1"], "meta.metaicl_demos: -1 must be >= 0"),
+    (["meta.metaicl_loss=some"], "meta.metaicl_loss: 'some' is not one of"),
+])
+def test_learned_rates_and_metaicl_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
 
 
 def test_unknown_shipped_name_lists_the_known_ones():
