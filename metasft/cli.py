@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="work per method, in FOMAML meta-steps; others get the same forward/backward passes (default 300)")
     p.add_argument("--pretrain-steps", type=int, default=600, metavar="N",
                    help="multi-task steps that pretrain the tiny base on the transform family (default 600)")
-    p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora,metaicl")
+    p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora,metaicl (the default: all of them), "
+                        "plus the opt-in fomaml_meta_sgd,maml_meta_sgd (learned inner rates)")
     p.add_argument("--n-shots", type=int, nargs="+", default=[10, 50], metavar="N", help="default 10 50")
     _add_common(p)
     p.set_defaults(func=cmd_demo)

@@ -78,6 +78,14 @@ METHODS: dict[str, tuple[str, dict, int]] = {
     # task and step like SFT (over rows about METAICL_DEMOS + 1 times longer).
     "metaicl": ("metaicl", {"meta.metaicl_demos": 10}, 1),
 }
+# Opt-in (--methods): FOMAML and MAML with learned per-tensor inner rates (Meta-SGD; issue 16),
+# initialised at INNER_LR and stepped by AdamW at the outer lr. docs/algorithms.md has what they gave.
+OPTIONAL_METHODS: dict[str, tuple[str, dict, int]] = {
+    "fomaml_meta_sgd": ("fomaml", {"meta.learn_inner_lr": "per_tensor", "meta.inner_lr_lr": 3e-3}, K + 1),
+    "maml_meta_sgd": ("maml", {"meta.num_inner_steps": MAML_K, "meta.learn_inner_lr": "per_tensor",
+                               "meta.inner_lr_lr": 3e-3}, MAML_K + 1),
+}
+ALL_METHODS = {**METHODS, **OPTIONAL_METHODS}
 ADAPT_LR_GRID = [0.03, 0.1, 0.3]  # each method's adaptation lr, chosen on the validation tasks
 NUM_TRAIN, NUM_VALIDATION, NUM_TEST = 200, 10, 20
 CURVE_POINTS = 10
@@ -85,7 +93,7 @@ CURVE_POINTS = 10
 
 def method_steps(name: str, steps: int) -> int:
     """Meta-steps that give ``name`` the forward/backward passes of ``steps`` FOMAML meta-steps."""
-    return max(1, round(steps * (K + 1) / METHODS[name][2]))
+    return max(1, round(steps * (K + 1) / ALL_METHODS[name][2]))
 
 
 def _override(key: str, value) -> str:
@@ -119,7 +127,7 @@ def write_bench_config(out: Path, base_model: Path, steps: int, seed: int, metho
         "methods": [],
     }
     for name in methods:
-        config_name, overrides, _ = METHODS[name]
+        config_name, overrides, _ = ALL_METHODS[name]
         total = method_steps(name, steps)
         overrides = dict(overrides, **{"trainer.total_training_steps": total,
                                        "trainer.test_freq": max(1, total // CURVE_POINTS)})
@@ -165,9 +173,9 @@ def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int]
 
     # Multi-task SFT is the baseline every verdict is about: always trained, on the same budget.
     methods = list(dict.fromkeys(["sft", *methods]))
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise ConfigError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(ALL_METHODS)})")
     for flag, value in (("--steps", steps), ("--pretrain-steps", pretrain_steps)):
         if value < 1:
             raise ConfigError(f"{flag}: {value} must be >= 1")

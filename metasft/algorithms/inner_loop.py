@@ -151,6 +151,7 @@ class InnerLoop:
         self.rates_meta_grad: list[torch.Tensor] = []
         self.learning_rates = learn_inner_lr != "none"
         self._inner_grads: list | None = None
+        self._rate_floats: dict[int, list[float]] | None = None
         if self.learning_rates:
             shape = (num_inner_steps,) if learn_inner_lr == "per_tensor_per_step" else ()
             self.set_rates([torch.full(shape, float(inner_lr), device=self.device) for _ in self.params])
@@ -160,6 +161,7 @@ class InnerLoop:
         """Give every meta-parameter its own inner rate (a scalar, or one per inner step)."""
         self.rates = [torch.nn.Parameter(v.detach().clone().float().to(self.device)) for v in values]
         self.rates_meta_grad = [torch.zeros_like(r) for r in self.rates]
+        self._rate_floats = None
 
     def load_rates(self, by_name: dict[str, torch.Tensor], source: str = "inner_lrs.safetensors") -> None:
         """Set the rates from a checkpoint's ``inner_lrs.safetensors`` (every meta-parameter's)."""
@@ -176,6 +178,7 @@ class InnerLoop:
             with torch.no_grad():
                 for rate, value in zip(self.rates, values):
                     rate.copy_(value)
+            self._rate_floats = None
         else:
             self.set_rates(values)
 
@@ -188,7 +191,13 @@ class InnerLoop:
         return rate if rate.dim() == 0 else rate[min(step, rate.shape[0] - 1)]
 
     def _step_rates(self, step: int) -> list[float]:
-        return [float(self._rate(i, step)) for i in range(len(self.params))]
+        """The first-order paths' rates as Python numbers, read once per value of the rates (they
+        change only at the outer step): a device sync per tensor per inner step would not be free."""
+        if self._rate_floats is None:
+            self._rate_floats = {}
+        if step not in self._rate_floats:
+            self._rate_floats[step] = [float(self._rate(i, step)) for i in range(len(self.params))]
+        return self._rate_floats[step]
 
     def _record_inner_grads(self, step: int, grads: list[torch.Tensor]) -> None:
         """Keep what the first-order α-gradient needs: Σ_k g_k per tensor, or every g_k per step."""
@@ -232,6 +241,7 @@ class InnerLoop:
         """Keep every α ≥ 0 after an outer step (a negative rate would ascend the support loss)."""
         for rate in self.rates:
             rate.clamp_(min=0.0)
+        self._rate_floats = None
 
     # ------------------------------------------------------------------ θ bookkeeping
     @torch.no_grad()

@@ -55,17 +55,7 @@ def render_in_context(demos: Sequence[Example], example: Example, tokenizer, *, 
     demos = list(demos)
     if not templated:
         encoded = encode_examples(demos, tokenizer, 10**9, "error", chat_template) if demos else []
-        room = max_length - len(alone)
-        kept = 0
-        while kept < len(encoded) and len(encoded[-1 - kept]) <= room:
-            room -= len(encoded[-1 - kept])
-            kept += 1
-        ids: list[int] = []
-        mask: list[int] = []
-        for demo in encoded[len(encoded) - kept:]:
-            ids += demo.input_ids
-            mask += demo.target_mask if loss_on_demos else [0] * len(demo)
-        return _join(ids, mask, alone), kept
+        return _join_raw(encoded, alone, max_length, loss_on_demos)
 
     # Chat: render with every demonstration, then drop the farthest ones until the row fits (the
     # first try drops as many as a per-token estimate says, so long prompts take few renders).
@@ -87,11 +77,24 @@ def render_in_context(demos: Sequence[Example], example: Example, tokenizer, *, 
     return alone, 0
 
 
-def _join(ids: list[int], mask: list[int], alone: Encoded) -> Encoded:
-    if not ids:
-        return alone
-    target = list(alone.target_mask)
-    return _finish(ids + alone.input_ids, mask + target, alone.source, max_length=10**9, truncation="error")
+def _join_raw(demos: Sequence[Encoded], alone: Encoded, max_length: int, loss_on_demos: bool) -> tuple[Encoded, int]:
+    """Raw text: the encoded demonstrations nearest the example that fit, then the example, token
+    by token; ``(row, demonstrations used)``."""
+    room = max_length - len(alone)
+    kept = 0
+    while kept < len(demos) and len(demos[-1 - kept]) <= room:
+        room -= len(demos[-1 - kept])
+        kept += 1
+    if not kept:
+        return alone, 0
+    ids: list[int] = []
+    mask: list[int] = []
+    for demo in demos[len(demos) - kept:]:
+        ids += demo.input_ids
+        mask += demo.target_mask if loss_on_demos else [0] * len(demo)
+    row = _finish(ids + alone.input_ids, mask + list(alone.target_mask), alone.source, max_length=10**9,
+                  truncation="error")
+    return row, kept
 
 
 def metaicl_tasks(tasks: list, tokenizer, *, demos: int, loss_on_demos: bool, seed: int, max_length: int,
@@ -102,16 +105,23 @@ def metaicl_tasks(tasks: list, tokenizer, *, demos: int, loss_on_demos: bool, se
     exactly and every rank builds the same rows."""
     from metasft.data.tasks import Task, stable_seed
 
+    templated = uses_chat_template(tokenizer, chat_template)
     built = []
     for task in tasks:
         pool = list(task.support_examples) + list(task.query_examples)
+        encoded = list(task.support) + list(task.query)  # each example encoded alone, as loaded
         rows = []
         for i, example in enumerate(pool):
             others = [j for j in range(len(pool)) if j != i]
             rng = np.random.default_rng([stable_seed(seed, task.name, "metaicl"), i])
-            chosen = rng.choice(len(others), size=min(demos, len(others)), replace=False) if others else []
-            row, _ = render_in_context([pool[others[j]] for j in chosen], example, tokenizer, max_length=max_length,
-                                       truncation=truncation, chat_template=chat_template, loss_on_demos=loss_on_demos)
+            chosen = [others[j] for j in rng.choice(len(others), size=min(demos, len(others)), replace=False)] \
+                if others else []
+            if templated:
+                row, _ = render_in_context([pool[j] for j in chosen], example, tokenizer, max_length=max_length,
+                                           truncation=truncation, chat_template=chat_template,
+                                           loss_on_demos=loss_on_demos)
+            else:  # raw text joins the rows' own encodings: no need to tokenise them again
+                row, _ = _join_raw([encoded[j] for j in chosen], encoded[i], max_length, loss_on_demos)
             rows.append(row)
         built.append(Task(name=task.name, support=rows, query=[], held_out=task.held_out, validation=task.validation,
                           support_examples=pool))
