@@ -462,6 +462,8 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, name in zip(axes, (metric, "query_loss")):
+        methods = list(dict.fromkeys(e["method"] for e in summary))
+        colours = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
         for method, adaptation in dict.fromkeys((e["method"], e["adaptation"]) for e in summary):
             points = sorted((e["n_shots"], e[name], e[name + "_ci95"]) for e in summary
                             if e["method"] == method and e["adaptation"] == adaptation and name in e)
@@ -469,9 +471,11 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
                 continue
             xs, ys, cis = zip(*points)
             in_context = adaptation == "in_context"
-            ax.plot(xs, ys, marker="s" if in_context else "o", linestyle="--" if in_context else "-",
+            colour = colours(methods.index(method) % colours.N)  # one colour per method; dashed: in context
+            ax.plot(xs, ys, marker="s" if in_context else "o", linestyle="--" if in_context else "-", color=colour,
                     label=f"{method} (in context)" if in_context else method)
-            ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)], alpha=0.15)
+            ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)], alpha=0.15,
+                            color=colour)
         ax.set_xscale("log")
         ax.set_xticks(sorted({e["n_shots"] for e in summary}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -485,7 +489,11 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
 def _finish_figure(fig, axes, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    axes[0].legend(fontsize=8)
+    handles, _ = axes[0].get_legend_handles_labels()
+    if len(handles) > 8:  # many lines: a legend beside the plots, not over them
+        axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    else:
+        axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
