@@ -551,6 +551,7 @@ def plot_inner_lrs(files: dict[str, str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(files), figsize=(6.5 * len(files), 4.4), squeeze=False)
     for ax, (method, file) in zip(axes[0], files.items()):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a dozen kinds of tensor: tab10 would repeat
         rates = load_file(file)
         layers = [int(m.group(1)) for n in rates if (m := re.search(r"layers\.(\d+)\.", n))]
         top = max(layers, default=0) + 1
