@@ -28,6 +28,9 @@ batches; peak memory is peak RSS of fresh subprocesses. Everything runs on the C
 - ``batched_over_sequential_bench``: the same on the benchmark model, the lower of 4 and 16 tasks
   (both in ``..._by_tasks``); ``batched_over_sequential_single``: one task per meta-step with the
   trainer's default (``auto``) over the sequential engine;
+- ``target_logits_speedup``: forward+backward of the loss with logits at every position over the
+  default, logits only where a target is predicted, on a 49,152-word vocabulary (SmolLM2's) and
+  rows of 96 prompt + 4 response tokens;
 - ``batched_mem_over_sequential``: peak memory of a batched meta-step over a sequential one (FOMAML,
   full weights, 4 tasks; MAML in ``..._maml``).
 """
@@ -429,6 +432,38 @@ def memory_ratios() -> dict:
     }
 
 
+def target_logits_speedup(rounds: int) -> dict:
+    """Full-vocabulary logits at every position against only at target positions (``logits_to_keep``,
+    what ``lm_loss`` does), on rows shaped like SFT rows: mostly prompt, a short response."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from metasft.data.collate import IGNORE_INDEX
+    from metasft.losses import forward_logits, token_loss_sum
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.train()
+    input_ids = torch.randint(0, config.vocab_size, (8, 100))
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, 96:] = input_ids[:, 96:]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "position_ids": torch.arange(100).expand(8, 100), "labels": labels}
+
+    def kept():
+        model.zero_grad(set_to_none=True)
+        lm_loss(model, batch).backward()
+
+    def full():
+        model.zero_grad(set_to_none=True)
+        total, count = token_loss_sum(forward_logits(model, batch), labels)
+        (total / count).backward()
+
+    ratios, seconds = paired_ratios({"target_logits": (full, kept)}, rounds)
+    return {"target_logits_speedup": ratios["target_logits"], "target_logits_seconds": seconds["target_logits"]}
+
+
 def machine() -> dict:
     import transformers
 
@@ -465,6 +500,7 @@ def main() -> None:
         "maml_by_k": lambda: {"maml_over_fomaml_by_inner_steps": maml_by_inner_steps(few + 2, args.quick)},
         "scaling": lambda: {"scaling": scaling(few, args.quick)},
         "task_batching": lambda: task_batching(few + 4),
+        "target_logits": lambda: target_logits_speedup(few + 4),
     }
     result["section_seconds"] = {}
     for name, section in sections.items():
