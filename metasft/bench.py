@@ -319,12 +319,16 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     learned = cfg.adapt.optimizer == "sgd" and load_learned_rates(engine, checkpoint)
     engine.snapshot()
 
-    def score(task, n_shots: int, seed: int, lr: float) -> dict:
+    def shot_indices(task, n_shots: int, seed: int) -> list[int]:
+        """The seeded draw every method and both adaptations use."""
         if n_shots > len(task.support):
             raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
+        return select_shots(len(task.support), n_shots, seed, task.name)
+
+    def score(task, n_shots: int, seed: int, lr: float) -> dict:
         query_rows = task.query[: cfg.eval.max_query_rows] if cfg.eval.max_query_rows else task.query
         torch.manual_seed(seed)
-        shots = [task.support[i] for i in select_shots(len(task.support), n_shots, seed, task.name)]
+        shots = [task.support[i] for i in shot_indices(task, n_shots, seed)]
         started = time.perf_counter()
         adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, n_shots),
                    lr=cfg.adapt.lr if lr is None else lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
@@ -341,10 +345,8 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
 
     def score_in_context(task, n_shots: int, seed: int) -> dict:
         """The same seeded shots rendered before each query row (data.max_length permitting)."""
-        if n_shots > len(task.support):
-            raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
         count = min(len(task.query), cfg.eval.max_query_rows or len(task.query))
-        shots = [task.support_examples[i] for i in select_shots(len(task.support), n_shots, seed, task.name)]
+        shots = [task.support_examples[i] for i in shot_indices(task, n_shots, seed)]
         rendered = [render_in_context(shots, example, tokenizer, max_length=cfg.data.max_length,
                                       truncation=cfg.data.truncation, chat_template=cfg.data.chat_template)
                     for example in task.query_examples[:count]]
