@@ -74,9 +74,10 @@ METHODS: dict[str, tuple[str, dict, int]] = {
     "meta_lora": ("meta_lora", {"model.lora_rank": 16, "model.lora_alpha": 16,
                                 "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                          "down_proj", "lm_head"]}, K + 1),
-    # MetaICL: SFT on rows of METAICL_DEMOS same-key demonstrations + one example, one pass per
-    # task and step like SFT (over rows about METAICL_DEMOS + 1 times longer).
-    "metaicl": ("metaicl", {"meta.metaicl_demos": 10}, 1),
+    # MetaICL: SFT on rows of 5 same-key demonstrations + one example, one pass per task and step
+    # like SFT (over rows 6 times longer). 10 demonstrations (the fewest shots evaluated) learnt no
+    # better and took the demo past 10 minutes (docs/meta_learning_vs_icl.md).
+    "metaicl": ("metaicl", {"meta.metaicl_demos": 5}, 1),
 }
 # Opt-in (--methods): FOMAML and MAML with learned per-tensor inner rates (Meta-SGD; issue 16),
 # initialised at INNER_LR and stepped by AdamW at the outer lr. docs/algorithms.md has what they gave.
