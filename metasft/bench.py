@@ -46,6 +46,7 @@ class MethodSpec:
     checkpoint: Optional[str] = _f(None, "An existing checkpoint to evaluate instead of training.")
     overrides: list[str] = _f([], "Dotted overrides for this method's train config.")
     grid: list[str] = _f([], "Sweep: 'key=[v1, v2]' entries; every combination becomes a variant.")
+    adaptations: Optional[list[str]] = _f(None, "This method's adaptations (gradient, in_context); null = the bench's.")
 
 
 @dataclass
@@ -106,9 +107,10 @@ def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> Ben
         raise ConfigError("base_model: required (the model every method starts from)")
     if not cfg.tasks_dir:
         raise ConfigError("tasks_dir: required (a prepared task directory)")
-    if not cfg.adaptations or len(set(cfg.adaptations)) != len(cfg.adaptations) or \
-            not set(cfg.adaptations) <= set(ADAPTATIONS):
-        raise ConfigError(f"adaptations: {cfg.adaptations} must list some of {', '.join(ADAPTATIONS)}, each once")
+    for key, value in [("adaptations", cfg.adaptations)] + [
+            (f"methods[{i}].adaptations", m.adaptations) for i, m in enumerate(cfg.methods) if m.adaptations is not None]:
+        if not value or len(set(value)) != len(value) or not set(value) <= set(ADAPTATIONS):
+            raise ConfigError(f"{key}: {value} must list some of {', '.join(ADAPTATIONS)}, each once")
     for key in ("n_shots", "seeds"):
         if not getattr(cfg, key):
             raise ConfigError(f"{key}: give at least one value")
@@ -145,6 +147,7 @@ class ResolvedMethod:
     train_config: Any = None           # or train this Config first
     sweep_of: Optional[str] = None     # the method a grid variant comes from
     settings: dict = field(default_factory=dict)
+    adaptations: Optional[list[str]] = None  # None: the bench's
 
 
 def _expand_grid(grid: list[str]) -> list[list[tuple[str, Any]]]:
@@ -173,7 +176,8 @@ def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[R
     has_sft = False
     for method in methods:
         if method.checkpoint:
-            resolved.append(ResolvedMethod(method.name, checkpoint=Path(method.checkpoint)))
+            resolved.append(ResolvedMethod(method.name, checkpoint=Path(method.checkpoint),
+                                           adaptations=method.adaptations))
             continue
         variants = _expand_grid(method.grid) if method.grid else [[]]
         for variant in variants:
@@ -186,7 +190,7 @@ def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[R
             _keep_evaluated_checkpoints(cfg, name, train_cfg)
             has_sft |= train_cfg.meta.algorithm == "sft"
             resolved.append(ResolvedMethod(name, train_config=train_cfg, sweep_of=method.name if method.grid else None,
-                                           settings=dict(variant)))
+                                           settings=dict(variant), adaptations=method.adaptations))
     if not has_sft and not any(m.name == "sft" for m in cfg.methods):
         overrides = common + cfg.train_overrides + [f"trainer.default_local_dir={out / 'runs' / 'sft'}"]
         sft_cfg = load_config(name="sft", overrides=overrides)
@@ -295,7 +299,8 @@ def train_methods(methods: list[ResolvedMethod], out: Path, parallel: int, threa
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device, on_done=lambda: None,
-                    validation_tasks=()) -> tuple[list[dict], dict[int, float], list[dict]]:
+                    validation_tasks=(), adaptations: list[str] | None = None
+                    ) -> tuple[list[dict], dict[int, float], list[dict]]:
     """Adapt ``checkpoint`` to every (task, n_shots, seed) with the shared protocol and score it.
 
     With ``adapt.lr_grid`` the learning rate for each n_shots is first chosen on ``validation_tasks``
@@ -362,9 +367,10 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     chosen = {n_shots: cfg.adapt.lr for n_shots in cfg.n_shots}
     validation_rows = []
     rows = []
-    if "in_context" in cfg.adaptations:
+    adaptations = adaptations or cfg.adaptations
+    if "in_context" in adaptations:
         rows += [score_in_context(task, n_shots, seed) for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
-    if "gradient" not in cfg.adaptations:
+    if "gradient" not in adaptations:
         return rows, {}, validation_rows
     if learned:
         chosen = {n_shots: None for n_shots in cfg.n_shots}
@@ -668,11 +674,13 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         torch.manual_seed(0)
         with Progress(TextColumn(f"[{index}/{len(methods)}] adapting + evaluating {method.name}"), BarColumn(),
                       MofNCompleteColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
-            trials = (len(tasks) if "in_context" in cfg.adaptations else 0) + (
-                len(tasks) + len(validation_tasks) * len(cfg.adapt.lr_grid) if "gradient" in cfg.adaptations else 0)
+            adaptations = method.adaptations or cfg.adaptations
+            trials = (len(tasks) if "in_context" in adaptations else 0) + (
+                len(tasks) + len(validation_tasks) * len(cfg.adapt.lr_grid) if "gradient" in adaptations else 0)
             bar = progress.add_task("eval", total=trials * len(cfg.n_shots) * len(cfg.seeds))
             method_rows, chosen, method_validation = evaluate_method(
-                method.name, checkpoint, cfg, tasks, device, lambda: progress.advance(bar), validation_tasks)
+                method.name, checkpoint, cfg, tasks, device, lambda: progress.advance(bar), validation_tasks,
+                adaptations)
         rows += method_rows
         validation_rows += method_validation
         entry["adapt_lr"] = {str(n): lr for n, lr in chosen.items()}
