@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metasft.algorithms.inner_loop import InnerLoop
+from metasft.algorithms.inner_loop import Episode, InnerLoop
 from metasft.data.collate import collate_for_rank
 from metasft.data.tasks import BatchSchedule, Task, stable_seed
 from metasft.data.tokenize import Encoded
@@ -39,13 +39,10 @@ def adapt_rows(engine: InnerLoop, rows: list[Encoded], *, steps: int, batch_size
     for _ in range(steps):
         chunk = [rows[i] for i in schedule.next_indices()]
         batches.append(collate_for_rank(chunk, pad_token_id, *row_shard, device=engine.device))
-    saved_lr = engine.inner_lr
-    engine.inner_lr = lr
-    try:
-        inner_optimizer = torch.optim.AdamW(engine.params, lr=lr, weight_decay=0.0) if optimizer == "adamw" else None
-        engine.adapt_in_place(batches, optimizer=inner_optimizer)
-    finally:
-        engine.inner_lr = saved_lr
+    # Layers below the inner scope run once per distinct batch, not once per step.
+    batches = engine.prepare_episode(Episode(task, batches)).support_batches
+    inner_optimizer = torch.optim.AdamW(engine.inner_params, lr=lr, weight_decay=0.0) if optimizer == "adamw" else None
+    engine.adapt_in_place(batches, optimizer=inner_optimizer, lr=lr)
 
 
 def load_learned_rates(engine: InnerLoop, checkpoint) -> bool:

@@ -57,6 +57,10 @@ class ModelConfig:
     target_modules: Union[str, list[str]] = _f("all-linear", "Modules that get LoRA adapters: a list of names, or 'all-linear' (every linear layer but the output head).")
     enable_gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     use_fsdp: bool = _f(False, "Shard parameters with FSDP2 across ranks instead of task-parallel replicas.")
+    train_top_layers: Optional[int] = _f(None, "Meta-learn only the last N decoder layers, the final norm and the head "
+                                               "(their LoRA adapters under LoRA); everything below stays frozen and, "
+                                               "with trainer.prefix_cache, is computed once per row for the run. "
+                                               "null = every trainable parameter.")
 
 
 @dataclass
@@ -86,6 +90,10 @@ class MetaConfig:
                 "per_tensor (an α per meta-parameter tensor), or per_tensor_per_step (one per tensor and inner "
                 "step). maml and fomaml only; initialised at meta.inner_lr, kept >= 0; saved in each "
                 "checkpoint's inner_lrs.safetensors and used by adapt/bench.")
+    inner_scope: str = _f("all", "What the inner loop adapts, within the meta-parameters: all, head (the output "
+                                 "projection, or its LoRA adapter), or top_layers:N (the last N decoder layers, the "
+                                 "final norm and the head). The outer loop still trains every meta-parameter. "
+                                 "maml/fomaml with head is ANIL; reptile moves only what the inner loop moved.")
     inner_lr_lr: float = _f(1e-3, "Outer learning rate of the learned inner rates (their own optimizer group, "
                                   "same schedule, no weight decay, not clipped).")
     metaicl_demos: int = _f(4, "metaicl: demonstrations of the same task rendered before each training example "
@@ -137,6 +145,9 @@ class TrainerConfig:
     precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast with fp32 master weights.")
     device: str = _f("auto", "auto (cuda when available), cpu, cuda or cuda:N.")
     time_budget_s: Optional[float] = _f(None, "Stop (and save) after the meta-step that passes this many seconds of training (null = run all steps).")
+    prefix_cache: bool = _f(True, "When the layers below the meta-parameters are frozen (model.train_top_layers), "
+                                  "keep their hidden states per row in memory for the run instead of recomputing "
+                                  "them every meta-step.")
     log_freq: int = _f(1, "Log metrics every N meta-steps; the pre-adaptation query loss (one extra forward per task) is computed only on these steps.")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive meta-steps with a non-finite loss or gradient.")
 
@@ -192,6 +203,19 @@ class Config:
                 raise ConfigError(f"meta.learn_inner_lr={meta.learn_inner_lr}: not supported under FSDP "
                                   "(model.use_fsdp); use the task-parallel strategy")
             _positive("meta.inner_lr_lr", meta.inner_lr_lr)
+        from metasft.scope import parse_scope
+
+        scope = parse_scope(meta.inner_scope)
+        if scope.kind != "all" and meta.algorithm in ("sft", "metaicl"):
+            raise ConfigError(f"meta.inner_scope={meta.inner_scope}: {meta.algorithm} has no inner loop; leave it at all")
+        if model.train_top_layers is not None:
+            _at_least("model.train_top_layers", model.train_top_layers, 1)
+            if scope.kind == "top_layers" and scope.layers > model.train_top_layers:
+                raise ConfigError(f"meta.inner_scope={meta.inner_scope}: the inner scope must lie within the "
+                                  f"meta-parameters (model.train_top_layers={model.train_top_layers})")
+        if model.use_fsdp and (scope.kind != "all" or model.train_top_layers is not None):
+            raise ConfigError("model.use_fsdp: meta.inner_scope and model.train_top_layers are supported with the "
+                              "task-parallel strategy only (model.use_fsdp=false)")
         if meta.inner_optimizer == "adam" and meta.algorithm != "reptile":
             raise ConfigError(f"meta.inner_optimizer=adam is only defined for reptile, not {meta.algorithm}")
         if meta.tasks and meta.tasks_dir:

@@ -74,8 +74,13 @@ def forward_logits(model, batch: dict[str, torch.Tensor], positions: torch.Tenso
     causal attention from position 0, which gives right-padded rows exactly the logits the mask
     would at every non-padding position."""
     extra = {} if positions is None else {"logits_to_keep": positions}
+    # A batch carrying ``inputs_embeds`` holds the hidden states entering the first layer still to run
+    # (metasft.scope.LayerWindow: the layers below were computed once and are skipped).
+    if "inputs_embeds" in batch:
+        extra["inputs_embeds"] = batch["inputs_embeds"]
+    else:
+        extra["input_ids"] = batch["input_ids"]
     return model(
-        input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,

@@ -27,6 +27,7 @@ from metasft.data.tasks import load_tasks
 from metasft.errors import ConfigError, MetasftError
 from metasft.loggers import MetricLogger
 from metasft.model import count_parameters, is_peft_model, load_model, load_tokenizer, trainable_named_parameters
+from metasft.scope import parse_scope
 
 
 def resolve_device(name: str, env: distributed.DistEnv) -> torch.device:
@@ -114,7 +115,10 @@ def accumulate_meta_gradient(engine: InnerLoop, algorithm, episodes, weight: flo
     engine.zero_meta_grad()
     task_metrics = []
     for start in range(0, len(episodes), tasks_per_pass):
-        chunk = episodes[start:start + tasks_per_pass]
+        # The frozen layers' hidden states, once per distinct batch (and per row for the run, with
+        # model.train_top_layers); with the graph to the meta-parameters below the split where needed.
+        chunk = [engine.prepare_episode(ep, support_graph=algorithm.second_order, query_graph=algorithm.query_gradient)
+                 for ep in episodes[start:start + tasks_per_pass]]
         if len(chunk) == 1:
             task_metrics.append(algorithm.run_task(engine, chunk[0], weight, want_pre=want_pre))
         else:
@@ -189,6 +193,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_model(cfg.model).to(self.device)
         self.model.train()
+        if cfg.model.train_top_layers is not None:
+            from metasft.scope import restrict_trainable
+
+            restrict_trainable(self.model, cfg.model.train_top_layers)
         self.lora = is_peft_model(self.model)
         # FSDP shards over ranks; at world size 1 there is nothing to shard and the plain path is
         # the same computation.
@@ -226,7 +234,8 @@ class Trainer:
         self.engine = InnerLoop(self.model, self.named_params, cfg.meta.inner_lr, cfg.meta.num_inner_steps,
                                 autocast_dtype=(torch.bfloat16 if cfg.trainer.precision == "bf16" and not self.fsdp
                                                 else None),  # under FSDP its mixed-precision policy casts
-                                grad_via_backward=self.fsdp, learn_inner_lr=cfg.meta.learn_inner_lr)
+                                grad_via_backward=self.fsdp, learn_inner_lr=cfg.meta.learn_inner_lr,
+                                inner_scope=parse_scope(cfg.meta.inner_scope), prefix_cache=cfg.trainer.prefix_cache)
         if self.fsdp:
             from metasft.fsdp import reshard_all
 
@@ -288,6 +297,7 @@ class Trainer:
             state = {"sampler": self.sampler.state_dict(), "nonfinite_total": self.nonfinite_total,
                      "nonfinite_streak": self.nonfinite_streak, "train_seconds": self.train_seconds,
                      "algorithm": self.algorithm.name, "lora": self.lora, "fsdp": self.fsdp,
+                     "inner_scope": self.cfg.meta.inner_scope, "train_top_layers": self.cfg.model.train_top_layers,
                      "world_size": self.env.world_size}
             path = save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.cfg.to_yaml(),
                                    self.optimizer, state, keep=self.cfg.trainer.keep, model_state=model_state,
@@ -316,6 +326,8 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - started
         self.train_seconds += elapsed
+        if self.engine.prefix_cache is not None:
+            result["prefix_cache_mb"] = self.engine.prefix_cache.bytes / 2**20
         return {"lr": lr, **result, "tokens_per_s": result["tokens"] / elapsed, "step_time_s": elapsed,
                 "train_seconds": self.train_seconds, "nonfinite_skipped": self.nonfinite_total}
 
@@ -525,6 +537,14 @@ def _train(cfg: Config, env: distributed.DistEnv) -> Path | None:
         print(f"metasft: {cfg.meta.algorithm} on {len(trainer.train_tasks)} tasks "
               f"({len(trainer.held_out_tasks)} held out); parameters {total:,} total, {trainable:,} meta-learned"
               f"{' (LoRA)' if trainer.lora else ''}; world size {env.world_size}", flush=True)
+        engine = trainer.engine
+        if len(engine.inner_params) < len(engine.params):
+            inner = sum(p.numel() for p in engine.inner_params)
+            print(f"metasft: inner scope {cfg.meta.inner_scope}: {inner:,} parameters adapted in the inner loop", flush=True)
+        if engine.window is not None:
+            cached = f"; layers below {engine.prefix_cache.cut} cached per row for the run" if engine.prefix_cache else ""
+            print(f"metasft: layers below {engine.split_at} of {engine.window.parts.num_layers} run once per batch{cached}",
+                  flush=True)
         if trainer.tasks_per_pass > 1:
             print(f"metasft: task batching on: up to {trainer.tasks_per_pass} tasks per batched pass", flush=True)
         elif trainer.algorithm.episodic:

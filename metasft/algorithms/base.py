@@ -16,6 +16,8 @@ class MetaAlgorithm:
     second_order: bool = False
     #: the episode holds K support batches and a query batch (False: one SFT batch)
     episodic: bool = True
+    #: the meta-gradient differentiates the query loss (Reptile's does not use it)
+    query_gradient: bool = True
 
     def task_weight(self, num_tasks: int) -> float:
         """Weight of one task's contribution: the meta-gradient is the *mean* over the meta-batch."""

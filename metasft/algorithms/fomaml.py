@@ -28,9 +28,9 @@ class FOMAML(MetaAlgorithm):
         query_loss = engine.loss(episode.query_batch)
         metrics.query_loss_post = float(query_loss.detach())
         metrics.tokens += _tokens(episode.query_batch)
-        grads = engine.grad(query_loss)
+        grads = engine.grad(query_loss)  # every meta-parameter: the inner scope at φ, the rest at θ
         engine.accumulate(grads, weight)
-        engine.accumulate_first_order_rates(grads, weight)  # learned inner rates only
+        engine.accumulate_first_order_rates(engine.inner_part(grads), weight)  # learned inner rates only
         return metrics
 
     def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
@@ -40,7 +40,8 @@ class FOMAML(MetaAlgorithm):
         adapted = engine.adapt_batched(batch, metrics)
         query_losses = engine.batched_losses(adapted, batch.query)
         engine.record_query_losses(batch, metrics, query_losses, "query_loss_post", count_tokens=True)
-        grads = engine.grad(query_losses.sum(), list(adapted.values()))  # [T, ...]: task t's in slice t
-        engine.accumulate([g.sum(0) for g in grads], weight)
-        engine.accumulate_first_order_rates(grads, weight)  # learned inner rates only
+        # The inner scope's gradients come stacked [T, ...] (task t's in slice t), the rest summed.
+        grads, inner = engine.query_grads(query_losses.sum(), adapted)
+        engine.accumulate(grads, weight)
+        engine.accumulate_first_order_rates(inner, weight)  # learned inner rates only
         return metrics

@@ -38,7 +38,9 @@ from torch.func import functional_call, vmap
 
 from metasft.data.collate import IGNORE_INDEX
 from metasft.distributed import has_dtensors
+from metasft.errors import MetasftError
 from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
+from metasft.scope import ALL, LayerWindow, PrefixCache, Scope, frozen_below, inner_indices
 
 Batch = dict[str, torch.Tensor]
 
@@ -88,7 +90,13 @@ def stack_batches(batches: list[Batch]) -> Batch:
         r, n = b["input_ids"].shape
         input_ids[t, :r, :n] = b["input_ids"]
         labels[t, :r, :n] = b["labels"]
-    return {"input_ids": input_ids, "labels": labels}
+    stacked = {"input_ids": input_ids, "labels": labels}
+    if "inputs_embeds" in batches[0]:  # the prefix's hidden states (scope.LayerWindow), zero-padded alike
+        states = [b["inputs_embeds"] for b in batches]
+        # torch.stack of padded copies, not writes into a zero tensor: the states may carry a graph.
+        stacked["inputs_embeds"] = torch.stack([
+            torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[1], 0, rows - h.shape[0])) for h in states])
+    return stacked
 
 
 @dataclass
@@ -123,12 +131,19 @@ class InnerLoop:
     def __init__(self, model: torch.nn.Module, named_params: list[tuple[str, torch.nn.Parameter]],
                  inner_lr: float, num_inner_steps: int, autocast_dtype: torch.dtype | None = None,
                  force_math_attention: bool = True, grad_via_backward: bool = False,
-                 learn_inner_lr: str = "none"):
+                 learn_inner_lr: str = "none", inner_scope: Scope = ALL, prefix_cache: bool = False):
         if not named_params:
             raise ValueError("InnerLoop needs at least one trainable parameter")
         self.model = model
         self.names = [name for name, _ in named_params]
         self.params = [param for _, param in named_params]
+        # The inner scope: which meta-parameters the inner loop adapts (meta.inner_scope); the rest of
+        # θ stays at θ during adaptation and gets its meta-gradient from the query loss.
+        self.inner_scope = inner_scope
+        self.inner_index = inner_indices(model, named_params, inner_scope)
+        self.inner_names = [self.names[i] for i in self.inner_index]
+        self.inner_params = [self.params[i] for i in self.inner_index]
+        self._configure_prefix(named_params, prefix_cache)
         self.inner_lr = inner_lr
         self.num_inner_steps = num_inner_steps
         self.autocast_dtype = autocast_dtype
@@ -154,7 +169,66 @@ class InnerLoop:
         self._rate_floats: dict[int, list[float]] | None = None
         if self.learning_rates:
             shape = (num_inner_steps,) if learn_inner_lr == "per_tensor_per_step" else ()
-            self.set_rates([torch.full(shape, float(inner_lr), device=self.device) for _ in self.params])
+            self.set_rates([torch.full(shape, float(inner_lr), device=self.device) for _ in self.inner_params])
+
+    # ------------------------------------------------------------------ frozen layers computed once
+    def _configure_prefix(self, named_params, prefix_cache: bool) -> None:
+        """``split_at``: the lowest decoder layer holding an inner-scope parameter. The layers below do
+        not change during the inner loop, so each batch's hidden states entering ``split_at`` are
+        computed once (:meth:`with_prefix`) and every inner step runs only the layers above.
+        ``prefix_cache``: the layers below the lowest *meta*-parameter never change at all, so their
+        states are kept per row for the run (:class:`~metasft.scope.PrefixCache`)."""
+        self.window, self.split_at, self.prefix_cache, self.prefix_trainable = None, 0, None, False
+        if len(self.inner_index) == len(self.params) and not prefix_cache:
+            return
+        try:
+            window = LayerWindow(self.model)
+        except MetasftError:
+            if self.inner_scope.kind != "all":
+                raise
+            return  # not a Llama-style decoder: run every layer, as before
+        inner = [named_params[i] for i in self.inner_index]
+        self.split_at = frozen_below(window.parts, inner)
+        cut = frozen_below(window.parts, named_params) if prefix_cache else 0
+        if self.split_at == 0:
+            return
+        self.window = window
+        self.prefix_cache = PrefixCache(window, cut) if cut > 0 else None
+        self.prefix_trainable = cut < self.split_at  # meta-parameters below the split: keep their graph
+
+    def with_prefix(self, batch: Batch, graph: bool = False) -> Batch:
+        """``batch`` plus ``inputs_embeds``, the hidden states entering layer ``split_at`` (unchanged
+        when there is no split). ``graph``: keep the graph to the meta-parameters below the split
+        (query passes, and MAML's support passes); the inner steps' own gradients never need it."""
+        if self.window is None:
+            return batch
+        start, states = 0, None
+        if self.prefix_cache is not None:
+            start, states = self.prefix_cache.cut, self.prefix_cache.lookup(batch)
+        if start < self.split_at:
+            with torch.set_grad_enabled(graph and self.prefix_trainable and torch.is_grad_enabled()), self._context():
+                states = self.window.hidden(batch, start, self.split_at, states)
+        return {**batch, "inputs_embeds": states}
+
+    def prepare_episode(self, episode: Episode, support_graph: bool = False, query_graph: bool = True) -> Episode:
+        """The episode with every batch's prefix states attached, computed once per distinct batch:
+        K support batches drawn from a support set no larger than a batch are the same rows."""
+        if self.window is None:
+            return episode
+        done: list[tuple[Batch, Batch]] = []
+
+        def prepared(batch: Batch, graph: bool) -> Batch:
+            for source, result in done:
+                if source["input_ids"].shape == batch["input_ids"].shape and torch.equal(source["input_ids"], batch["input_ids"]) \
+                        and torch.equal(source["labels"], batch["labels"]):
+                    return result
+            result = self.with_prefix(batch, graph)
+            done.append((batch, result))
+            return result
+
+        support = [prepared(b, support_graph) for b in episode.support_batches]
+        query = None if episode.query_batch is None else self.with_prefix(episode.query_batch, query_graph)
+        return Episode(episode.task, support, query, episode.num_targets)
 
     # ------------------------------------------------------------------ learned inner rates
     def set_rates(self, values: list[torch.Tensor]) -> None:
@@ -167,10 +241,10 @@ class InnerLoop:
         """Set the rates from a checkpoint's ``inner_lrs.safetensors`` (every meta-parameter's)."""
         from metasft.errors import MetasftError
 
-        missing = [n for n in self.names if n not in by_name]
+        missing = [n for n in self.inner_names if n not in by_name]
         if missing:
             raise MetasftError(f"{source}: no inner rate for {missing[0]} (was it saved for another model or scope?)")
-        values = [by_name[n] for n in self.names]
+        values = [by_name[n] for n in self.inner_names]
         if self.rates and any(v.shape != r.shape for v, r in zip(values, self.rates)):
             raise MetasftError(f"{source}: rates of shape {tuple(values[0].shape)} do not fit meta.learn_inner_lr "
                                f"(shape {tuple(self.rates[0].shape)})")
@@ -183,7 +257,7 @@ class InnerLoop:
             self.set_rates(values)
 
     def rates_by_name(self) -> dict[str, torch.Tensor]:
-        return {name: r.detach().clone() for name, r in zip(self.names, self.rates)}
+        return {name: r.detach().clone() for name, r in zip(self.inner_names, self.rates)}
 
     def _rate(self, index: int, step: int) -> torch.Tensor:
         rate = self.rates[index]
@@ -196,7 +270,7 @@ class InnerLoop:
         if self._rate_floats is None:
             self._rate_floats = {}
         if step not in self._rate_floats:
-            self._rate_floats[step] = [float(self._rate(i, step)) for i in range(len(self.params))]
+            self._rate_floats[step] = [float(self._rate(i, step)) for i in range(len(self.inner_params))]
         return self._rate_floats[step]
 
     def _record_inner_grads(self, step: int, grads: list[torch.Tensor]) -> None:
@@ -250,8 +324,11 @@ class InnerLoop:
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Put θ back into the inner scope, the only parameters adaptation writes to. The others are
+        left alone: a prepared batch's prefix states may hold a graph to them (an in-place copy would
+        invalidate it)."""
         self.before_param_write()
-        torch._foreach_copy_(_local(self.params), _local(self.theta))
+        torch._foreach_copy_(_local(self.inner_params), _local([self.theta[i] for i in self.inner_index]))
 
     @torch.no_grad()
     def zero_meta_grad(self) -> None:
@@ -260,8 +337,10 @@ class InnerLoop:
             torch._foreach_zero_(self.rates_meta_grad)
 
     @torch.no_grad()
-    def accumulate(self, grads: list[torch.Tensor], weight: float) -> None:
-        torch._foreach_add_(_local(self.meta_grad), _local(grads), alpha=weight)
+    def accumulate(self, grads: list[torch.Tensor], weight: float, index: list[int] | None = None) -> None:
+        """meta_grad += weight × grads (aligned with θ, or with ``index`` into it)."""
+        target = self.meta_grad if index is None else [self.meta_grad[i] for i in index]
+        torch._foreach_add_(_local(target), _local(grads), alpha=weight)
 
     @torch.no_grad()
     def meta_grad_norm(self, sharded: bool) -> float:
@@ -310,10 +389,16 @@ class InnerLoop:
              num_targets: int | None = None, double_backward: bool = False) -> torch.Tensor:
         """``double_backward``: the loss's gradient will itself be differentiated (MAML's support
         passes); the query pass at φ_K is differentiated once and keeps the fused kernels."""
-        with self._context(double_backward):
+        with self._context(double_backward), self._suffix(batch):
             if weights is None:
                 return lm_loss(self.model, batch, num_targets)
             return lm_loss(_FunctionalModel(self.model, weights), batch, num_targets, module=self.model)
+
+    def _suffix(self, batch: Batch):
+        """Run only the layers from ``split_at`` up when the batch carries their input states."""
+        if "inputs_embeds" in batch and self.window is not None:
+            return self.window.suffix(self.split_at)
+        return contextlib.nullcontext()
 
     def grad(self, loss: torch.Tensor, wrt: list[torch.Tensor] | None = None,
              create_graph: bool = False) -> list[torch.Tensor]:
@@ -329,32 +414,53 @@ class InnerLoop:
         grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
         return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
 
+    def query_grads(self, loss: torch.Tensor, adapted: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """First-order meta-gradient of a (summed) query ``loss`` at the adapted weights: returns
+        the gradient aligned with θ — the inner scope's at φ (summed over a stack's tasks), the
+        other meta-parameters' at θ — and the inner scope's own, stacked ``[T, ...]`` as φ is."""
+        others = [i for i in range(len(self.params)) if i not in set(self.inner_index)]
+        grads = self.grad(loss, list(adapted.values()) + [self.params[i] for i in others])
+        inner, rest = grads[:len(adapted)], grads[len(adapted):]
+        full: list = [None] * len(self.params)
+        for i, g in zip(self.inner_index, inner):
+            full[i] = g.sum(0) if g.dim() > self.params[i].dim() else g
+        for i, g in zip(others, rest):
+            full[i] = g
+        return full, inner
+
+    def inner_part(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The inner scope's entries of a list aligned with θ."""
+        return [grads[i] for i in self.inner_index]
+
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> float:
         return float(self.loss(batch))
 
     # ------------------------------------------------------------------ adaptation
     def adapt_in_place(self, support_batches: list[Batch], metrics: TaskMetrics | None = None,
-                       optimizer: torch.optim.Optimizer | None = None) -> None:
-        """φ ← φ − α ∇L_support(φ) for each batch, on the model's parameters (first order).
+                       optimizer: torch.optim.Optimizer | None = None, lr: float | None = None) -> None:
+        """φ ← φ − α ∇L_support(φ) for each batch, on the model's inner-scope parameters (first
+        order); α is ``lr`` when given (adaptation at test time), else ``inner_lr`` or the learned rates.
 
         With ``optimizer`` (Reptile's optional inner Adam) that optimizer steps instead of SGD."""
+        lr = self.inner_lr if lr is None else lr
         if self.learning_rates:
             self._inner_grads = []
+        whole = len(self.inner_params) == len(self.params)
         for step, batch in enumerate(support_batches):
             loss = self.loss(batch)
             _record_inner_step(metrics, step, batch, loss)
-            grads = self.grad(loss)
+            grads = self.grad(loss, None if whole else self.inner_params)
             self._record_inner_grads(step, grads)
             self.before_param_write()
             if optimizer is None and self.rates:
                 with torch.no_grad():
-                    torch._foreach_sub_(_local(self.params), torch._foreach_mul(_local(grads), self._step_rates(step)))
+                    torch._foreach_sub_(_local(self.inner_params), torch._foreach_mul(_local(grads), self._step_rates(step)))
             elif optimizer is None:
                 with torch.no_grad():
-                    torch._foreach_add_(_local(self.params), _local(grads), alpha=-self.inner_lr)
+                    torch._foreach_add_(_local(self.inner_params), _local(grads), alpha=-lr)
             else:
-                for param, g in zip(self.params, grads):
+                for param, g in zip(self.inner_params, grads):
                     param.grad = g
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -363,17 +469,22 @@ class InnerLoop:
                          metrics: TaskMetrics | None = None) -> dict[str, torch.Tensor]:
         """The same SGD steps as a function of θ: returns φ_K with the graph back to θ kept
         (``create_graph``), so a query loss at φ_K differentiates through the inner loop."""
-        weights = dict(zip(self.names, self.params))
+        # Only the inner scope is replaced; the other meta-parameters enter as the module's own θ.
+        weights = dict(zip(self.inner_names, self.inner_params))
         for step, batch in enumerate(support_batches):
             loss = self.loss(batch, weights, double_backward=create_graph)
             _record_inner_step(metrics, step, batch, loss)
             grads = self.grad(loss, list(weights.values()), create_graph=create_graph)
-            if self.rates:  # α in the graph: MAML differentiates through it too
-                weights = {name: w - self._rate(i, step) * g for i, ((name, w), g) in enumerate(zip(weights.items(), grads))}
-                continue
-            # torch.add with alpha: one differentiable op per tensor instead of a mul and a sub.
-            weights = {name: torch.add(w, g, alpha=-self.inner_lr) for (name, w), g in zip(weights.items(), grads)}
+            weights = self._sgd_step(weights, grads, step)
         return weights
+
+    def _sgd_step(self, weights: dict[str, torch.Tensor], grads: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """φ − α ∇L as differentiable ops (MAML keeps their graph): α from the learned rates when
+        there are any (in the graph too), else ``inner_lr``."""
+        if self.rates:
+            return {n: w - self._rate(i, step) * g for i, ((n, w), g) in enumerate(zip(weights.items(), grads))}
+        # torch.add with alpha: one differentiable op per tensor instead of a mul and a sub.
+        return {n: torch.add(w, g, alpha=-self.inner_lr) for (n, w), g in zip(weights.items(), grads)}
 
 
     # ------------------------------------------------------------------ task batching
@@ -385,6 +496,7 @@ class InnerLoop:
     # over all T tasks' rows. θ itself is never written to.
 
     def stack(self, episodes: list[Episode]) -> TaskBatch:
+        """T (prepared) episodes as one :class:`TaskBatch`."""
         num_steps = len(episodes[0].support_batches)
         support = [stack_batches([ep.support_batches[k] for ep in episodes]) for k in range(num_steps)]
         query = None
@@ -399,7 +511,7 @@ class InnerLoop:
         # Target positions are data-dependent, so they are found here, over every task's rows, not
         # inside vmap; padding rows and tasks with fewer targets just ignore the extra positions.
         positions = target_positions(batch["labels"]) if accepts_logits_to_keep(self.model) else None
-        with self._context(double_backward, vmapped=True):
+        with self._context(double_backward, vmapped=True), self._suffix(batch):
             if weights is None:
                 return vmap(lambda b: lm_loss(self.model, b, positions=positions), randomness="different")(batch)
             return vmap(lambda w, b: lm_loss(_FunctionalModel(self.model, w), b, positions=positions, module=self.model),
@@ -414,10 +526,10 @@ class InnerLoop:
         ``torch.optim.Adam``'s update with default hyperparameters and fresh moments per task."""
         size = batch.size
         if create_graph:
-            weights = {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in zip(self.names, self.params)}
+            weights = {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in zip(self.inner_names, self.inner_params)}
         else:
             weights = {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_()
-                       for n, p in zip(self.names, self.params)}
+                       for n, p in zip(self.inner_names, self.inner_params)}
         adam = _StackedAdam(self.inner_lr) if inner_optimizer == "adam" else None
         if self.learning_rates:
             self._inner_grads = []
@@ -426,11 +538,8 @@ class InnerLoop:
             for value, m, ep in zip(losses.detach().tolist(), metrics, batch.episodes):
                 _record_inner_step(m, step, ep.support_batches[step], value)
             grads = self.grad(losses.sum(), list(weights.values()), create_graph=create_graph)
-            if create_graph and self.rates:
-                weights = {n: w - self._rate(i, step) * g for i, ((n, w), g) in enumerate(zip(weights.items(), grads))}
-                continue
             if create_graph:
-                weights = {n: torch.add(w, g, alpha=-self.inner_lr) for (n, w), g in zip(weights.items(), grads)}
+                weights = self._sgd_step(weights, grads, step)
                 continue
             self._record_inner_grads(step, grads)
             with torch.no_grad():

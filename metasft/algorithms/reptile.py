@@ -17,6 +17,7 @@ from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMet
 
 class Reptile(MetaAlgorithm):
     name = "reptile"
+    query_gradient = False
 
     def __init__(self, inner_optimizer: str = "sgd"):
         self.inner_optimizer = inner_optimizer
@@ -50,6 +51,7 @@ class Reptile(MetaAlgorithm):
                                            "query_loss_post", count_tokens=False)
             # Σ_t (θ − φ_t), differences first: θ − φ is small next to θ, and subtracting per task
             # keeps its rounding relative to the difference.
-            engine.accumulate([(theta.unsqueeze(0) - phi).sum(0) for theta, phi in zip(engine.params, adapted.values())],
-                              weight)
+            # Outside the inner scope φ = θ: those meta-parameters get no contribution.
+            engine.accumulate([(engine.params[i].unsqueeze(0) - phi).sum(0) for i, phi in
+                               zip(engine.inner_index, adapted.values())], weight, index=engine.inner_index)
         return metrics

@@ -1,0 +1,143 @@
+"""``meta.inner_scope`` (ANIL, top layers) and ``model.train_top_layers`` through `metasft train`:
+one SGD(lr = 1) meta-step moves every meta-parameter by exactly minus an independent float64
+reference meta-gradient.
+
+The references are written here, apart from the engine: the inner loop is an explicit SGD loop over
+a subset of parameters chosen by *name* (``lm_head`` / ``layers.1.`` / ``model.norm``), with the graph
+kept through it for MAML (autograd through an unrolled loop), on ``.grad`` of a deep copy for FOMAML
+and Reptile; the outer gradient is taken over every meta-parameter. The tiny Llama has 2 layers and
+untied embeddings.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from metasft.config import load_config
+from metasft.distributed import DistEnv
+from metasft.train import Trainer
+
+from conftest import write_tasks
+from references import ref_loss
+from test_train_cli import EXACT, INNER_LR, K, N_QUERY, N_SUPPORT, N_TASKS, moved_by_minus, run_train, whole_set_batches
+
+LORA = ["model.lora_rank=4", "model.lora_alpha=8", "model.target_modules=[q_proj, v_proj, down_proj, lm_head]"]
+
+
+def in_scope(name: str, scope: str) -> bool:
+    """The reference's own reading of a scope, from parameter names alone."""
+    if scope == "all":
+        return True
+    if scope == "head":
+        return "lm_head" in name
+    assert scope == "top_layers:1"
+    return "lm_head" in name or "layers.1." in name or "model.norm" in name
+
+
+def reference(model, algorithm, tasks_root, tokenizer, scope):
+    """Float64 meta-gradient of every meta-parameter (``requires_grad``) of ``model``, the inner loop
+    adapting only the parameters ``in_scope``; whole sets as batches."""
+    model = copy.deepcopy(model).double()
+    theta = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    inner = [n for n in theta if in_scope(n, scope)]
+    assert inner and (scope == "all" or len(inner) < len(theta))
+    total = {n: torch.zeros_like(p) for n, p in theta.items()}
+    for t in range(N_TASKS):
+        support, query = whole_set_batches(tasks_root / f"task{t}", tokenizer)
+        if algorithm == "maml":
+            def call(weights, batch):
+                return ref_loss(lambda **kw: functional_call(model, weights, args=(), kwargs=kw), batch)
+
+            with sdpa_kernel(SDPBackend.MATH):
+                fast = dict(theta)
+                for _ in range(K):
+                    grads = torch.autograd.grad(call(fast, support), [fast[n] for n in inner], create_graph=True)
+                    fast = {**fast, **{n: fast[n] - INNER_LR * g for n, g in zip(inner, grads)}}
+                grads = torch.autograd.grad(call(fast, query), list(theta.values()))
+            contribution = dict(zip(theta, grads))
+        else:
+            adapted = copy.deepcopy(model)
+            params = dict(adapted.named_parameters())
+            for _ in range(K):
+                adapted.zero_grad(set_to_none=True)
+                ref_loss(adapted, support).backward()
+                with torch.no_grad():
+                    for n in inner:
+                        params[n] -= INNER_LR * params[n].grad
+            if algorithm == "fomaml":
+                adapted.zero_grad(set_to_none=True)
+                ref_loss(adapted, query).backward()
+                contribution = {n: params[n].grad for n in theta}
+            else:  # reptile: θ − φ, zero outside the inner scope
+                contribution = {n: theta[n].detach() - params[n].detach() for n in theta}
+        for n in total:
+            total[n] += contribution[n] / N_TASKS
+    return total
+
+
+def initial_model(model_dir, algorithm, args, tmp_path):
+    """The run's starting point, meta-parameters marked: a trainer built from the same config (LoRA's
+    lora_A is drawn from the seeded RNG)."""
+    cfg = load_config(overrides=[f"model.partial_pretrain={model_dir}", f"meta.algorithm={algorithm}",
+                                 f"trainer.default_local_dir={tmp_path / 'init'}", *args])
+    return Trainer(cfg, DistEnv()).model
+
+
+def after_step(run_dir, lora):
+    if lora:
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(run_dir / "step_1")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run_dir / "step_1")
+
+
+CASES = [(a, s) for a in ("maml", "fomaml") for s in ("head", "top_layers:1")] + [("reptile", "top_layers:1")]
+
+
+@pytest.mark.parametrize("batching", ["false", "true"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("algorithm,scope", CASES)
+def test_one_sgd_step_with_an_inner_scope_is_minus_the_reference(tmp_path, tiny_llama_dir, tokenizer, algorithm,
+                                                                 scope, lora, batching):
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    args = EXACT + overrides + [f"meta.task_batching={batching}", f"meta.inner_scope={scope}"] + (LORA if lora else [])
+    run_train(tiny_llama_dir, tmp_path / "run", args, algorithm)
+    initial = initial_model(tiny_llama_dir, algorithm, args, tmp_path)
+    grads = reference(initial, algorithm, tmp_path / "tasks", tokenizer, scope)
+    after = after_step(tmp_path / "run", lora)
+    assert moved_by_minus(initial, after, grads) <= 1e-4
+    # The body really is a meta-parameter: it moved (except under Reptile, whose inner loop left it).
+    body = [n for n in grads if not in_scope(n, scope)]
+    assert body and (algorithm == "reptile") == all(float(grads[n].abs().max()) == 0 for n in body)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("algorithm,scope", [("maml", "head"), ("fomaml", "all"), ("reptile", "all")])
+def test_train_top_layers_with_the_prefix_cache_equals_the_reference_and_the_uncached_run(
+        tmp_path, tiny_llama_dir, tokenizer, algorithm, scope, lora):
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    args = EXACT + overrides + ["model.train_top_layers=1", f"meta.inner_scope={scope}"] + (LORA if lora else [])
+    run_train(tiny_llama_dir, tmp_path / "cached", args, algorithm)
+    run_train(tiny_llama_dir, tmp_path / "uncached", args + ["trainer.prefix_cache=false"], algorithm)
+    initial = initial_model(tiny_llama_dir, algorithm, args, tmp_path)
+    meta = {n for n, p in initial.named_parameters() if p.requires_grad}
+    assert meta and all(in_scope(n, "top_layers:1") for n in meta)  # nothing below the top layer trains
+    grads = reference(initial, algorithm, tmp_path / "tasks", tokenizer, scope)
+    cached, uncached = after_step(tmp_path / "cached", lora), after_step(tmp_path / "uncached", lora)
+    assert moved_by_minus(initial, cached, grads) <= 1e-4
+    start = dict(initial.named_parameters())
+    a, b = dict(cached.named_parameters()), dict(uncached.named_parameters())
+    delta_a = {n: a[n].detach().double() - start[n].detach().double() for n in meta}
+    delta_b = {n: b[n].detach().double() - start[n].detach().double() for n in meta}
+    num = sum(((delta_a[n] - delta_b[n]) ** 2).sum() for n in meta) ** 0.5
+    den = sum((delta_b[n] ** 2).sum() for n in meta) ** 0.5
+    assert float(num / den) <= 1e-6
+    # Frozen weights stayed where they were.
+    for n, p in start.items():
+        if n not in meta:
+            assert torch.equal(p.detach(), a[n].detach()), n
