@@ -112,6 +112,7 @@ def adapt_command(args) -> Path:
     from metasft.distributed import DistEnv
     from metasft.errors import MetasftError
     from metasft.model import trainable_named_parameters
+    from metasft.scope import parse_scope
     from metasft.train import resolve_device
 
     output = Path(args.output)
@@ -125,6 +126,7 @@ def adapt_command(args) -> Path:
         raise MetasftError(f"--lr: {args.lr} must be > 0")
     model, tokenizer, saved = load_pretrained(args.checkpoint)
     meta = saved.meta if saved is not None else None
+    scope = parse_scope(args.inner_scope or (meta.inner_scope if meta else "all"), key="--inner-scope")
     lr = args.lr if args.lr is not None else (meta.inner_lr if meta else None)
     batch_size = args.batch_size or (meta.inner_batch_size if meta else 8)
     if lr is None or (args.steps is None and args.epochs is None and meta is None):
@@ -144,7 +146,8 @@ def adapt_command(args) -> Path:
     device = resolve_device(args.device, DistEnv())
     model.to(device).train()
     torch.manual_seed(args.seed)
-    engine = InnerLoop(model, trainable_named_parameters(model), lr, steps)
+    # Adapt exactly the scope the checkpoint was meta-trained to adapt, and nothing else.
+    engine = InnerLoop(model, trainable_named_parameters(model), lr, steps, inner_scope=scope)
     learned = args.lr is None and load_learned_rates(engine, args.checkpoint)
     if learned and args.optimizer != "sgd":
         raise MetasftError(f"--optimizer {args.optimizer}: {args.checkpoint} has learned inner rates, which are SGD "
@@ -158,6 +161,7 @@ def adapt_command(args) -> Path:
         tokenizer.save_pretrained(tmp)
         info = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n_shots": args.n_shots, "steps": steps,
                 "batch_size": batch_size, "lr": "learned" if learned else lr, "optimizer": args.optimizer,
+                "inner_scope": str(scope),
                 "seed": args.seed}
         (tmp / "adapt_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if output.exists():

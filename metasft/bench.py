@@ -57,6 +57,7 @@ class AdaptProtocol:
                                   "on the validation tasks (best mean metric); overrides lr.")
     steps: int = _f(5, "Adaptation steps.")
     batch_size: int = _f(10, "Examples per adaptation step (all shots when fewer).")
+    inner_scope: str = _f("all", "What every method adapts: all, head (ANIL's) or top_layers:N.")
 
 
 @dataclass
@@ -120,6 +121,9 @@ def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> Ben
         raise ConfigError("train_parallel and train_threads must be >= 1")
     if cfg.adapt.lr <= 0 or cfg.adapt.steps < 1 or cfg.adapt.batch_size < 1:
         raise ConfigError("adapt: lr must be > 0, steps and batch_size >= 1")
+    from metasft.scope import parse_scope
+
+    parse_scope(cfg.adapt.inner_scope, key="adapt.inner_scope")
     if any(not lr > 0 for lr in cfg.adapt.lr_grid):
         raise ConfigError(f"adapt.lr_grid: {cfg.adapt.lr_grid} must all be > 0")
     if overlap := set(cfg.validation_tasks) & set(cfg.held_out_tasks):
@@ -314,11 +318,13 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     from metasft.data.in_context import render_in_context
     from metasft.evaluate import evaluate_rows
     from metasft.model import trainable_named_parameters
+    from metasft.scope import parse_scope
 
     model, tokenizer, _ = load_pretrained(checkpoint, key=f"method {name}:")
     model.to(device)
     model.train()
-    engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps)
+    engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps,
+                       inner_scope=parse_scope(cfg.adapt.inner_scope))
     # A checkpoint with learned inner rates adapts with them (SGD), the adaptation it was trained for;
     # there is then no learning rate to choose.
     learned = cfg.adapt.optimizer == "sgd" and load_learned_rates(engine, checkpoint)

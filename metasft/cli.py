@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default: the checkpoint's meta.inner_lr)")
     p.add_argument("--batch-size", type=int, help="examples per step (default: the checkpoint's meta.inner_batch_size)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd (what MAML optimises for)")
+    p.add_argument("--inner-scope", metavar="SCOPE", help="what to adapt: all, head or top_layers:N (default: the "
+                                                           "checkpoint's meta.inner_scope, else all)")
     p.add_argument("--seed", type=int, default=0, help="which examples and their order (default 0)")
     p.add_argument("--output", required=True, metavar="DIR", help="where to save the adapted model (must not exist)")
     _add_common(p)

@@ -141,3 +141,37 @@ def test_train_top_layers_with_the_prefix_cache_equals_the_reference_and_the_unc
     for n, p in start.items():
         if n not in meta:
             assert torch.equal(p.detach(), a[n].detach()), n
+
+
+def test_adapt_on_an_anil_checkpoint_changes_only_the_head(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file
+
+    from metasft.cli import main
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    run_train(tiny_llama_dir, tmp_path / "run", EXACT + overrides + ["meta.inner_scope=head"], "maml")
+    checkpoint = tmp_path / "run" / "step_1"
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "tasks/task0/support.parquet"),
+                 "--n-shots", "3", "--output", str(tmp_path / "adapted")]) == 0
+    before, after = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "adapted/model.safetensors")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {"lm_head.weight"}
+    import json
+    assert json.loads((tmp_path / "adapted/adapt_info.json").read_text())["inner_scope"] == "head"
+    # Asked for every weight, the same adaptation moves the body too.
+    assert main(["adapt", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "tasks/task0/support.parquet"),
+                 "--n-shots", "3", "--inner-scope", "all", "--output", str(tmp_path / "all")]) == 0
+    everything = load_file(tmp_path / "all/model.safetensors")
+    assert len({n for n in before if not torch.equal(before[n], everything[n])}) > 1
+
+
+def test_tied_head_scopes_are_refused_in_one_line(tmp_path, tiny_llama_tied_dir, capsys):
+    from metasft.cli import main
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    for extra, key in ((["meta.inner_scope=head"], "meta.inner_scope=head"),
+                       (["model.train_top_layers=1"], "model.train_top_layers=1")):
+        code = main(["train", f"model.partial_pretrain={tiny_llama_tied_dir}", "meta.algorithm=fomaml",
+                     f"trainer.default_local_dir={tmp_path / 'run'}", *EXACT, *overrides, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and key in err[0] and "tie" in err[0], err

@@ -156,9 +156,10 @@ def test_adamw_steps_equal_torch_adamw_on_the_reference_meta_gradients(tmp_path,
     trained = saved_weights(tmp_path / "run", steps)
     expected = ref_adamw_run(base64, tasks, tokenizer, algorithm, steps, **ADAMW)
     # fp32 rounding of the meta-gradients, amplified by Adam's g/(√v + eps) where |g| ≲ eps (many
-    # entries here are 1e-9..1e-6): a few 1e-5 of an element's movement at worst, 1e-5 overall.
+    # entries here are 1e-9..1e-6): a few 1e-5 of an element's movement at worst (3.5e-5 measured on an
+    # AVX-512 Xeon, over the 3e-5 that held elsewhere), 1e-5 overall.
     for n in expected:
-        torch.testing.assert_close(trained[n], expected[n], rtol=1e-4, atol=3e-3 * ADAMW["lr"], msg=n)
+        torch.testing.assert_close(trained[n], expected[n], rtol=1e-4, atol=5e-3 * ADAMW["lr"], msg=n)
     assert rel_err(moved(theta, trained), moved(theta, expected)) <= 3e-5
 
     # Each setting is honoured: AdamW with the defaults for any one of them lands elsewhere.
