@@ -32,7 +32,10 @@ batches; peak memory is peak RSS of fresh subprocesses. Everything runs on the C
   default, logits only where a target is predicted, on a 49,152-word vocabulary (SmolLM2's) and
   rows of 96 prompt + 4 response tokens;
 - ``batched_mem_over_sequential``: peak memory of a batched meta-step over a sequential one (FOMAML,
-  full weights, 4 tasks; MAML in ``..._maml``).
+  full weights, 4 tasks; MAML in ``..._maml``);
+- ``top_layers_over_all_layers`` (SmolLM2-135M, when converted: ``--smollm2 DIR``), ``anil_over_maml``,
+  ``anil_over_fomaml`` and their peak memory: inner scopes and the frozen-prefix cache
+  (``benchmarks/scopes.py`` says exactly what is compared).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ from metasft.losses import lm_loss
 from metasft.model import apply_lora, count_parameters, trainable_named_parameters
 from metasft.tiny import build_tiny_model, build_tokenizer
 from metasft.train import build_optimizer, resolve_tasks_per_pass, run_meta_step
+
+from scopes import scope_ratios  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512)
 DEMO_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
@@ -482,6 +487,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller scaling grid (< 3 min)")
     parser.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON")
+    parser.add_argument("--smollm2", help="converted SmolLM2-135M-Instruct folder (default $METASFT_SMOLLM2 or "
+                                          "models/smollm2-135m); its section is skipped when absent")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -501,6 +508,7 @@ def main() -> None:
         "scaling": lambda: {"scaling": scaling(few, args.quick)},
         "task_batching": lambda: task_batching(few + 4),
         "target_logits": lambda: target_logits_speedup(few + 4),
+        "scopes": lambda: scope_ratios(paired_ratios, few, args.smollm2),
     }
     result["section_seconds"] = {}
     for name, section in sections.items():
@@ -517,6 +525,8 @@ def main() -> None:
         "batched_over_sequential_demo >= 2.5": result["batched_over_sequential_demo"] >= 2.5,
         "batched_over_sequential_bench >= 1.5": result["batched_over_sequential_bench"] >= 1.5,
     }
+    if "top_layers_over_all_layers" in result:
+        result["targets"]["top_layers_over_all_layers >= 5"] = result["top_layers_over_all_layers"] >= 5
     result["wall_seconds"] = time.perf_counter() - started
     text = json.dumps(result, indent=2)
     print(text)

@@ -113,7 +113,7 @@ def adapt_command(args) -> Path:
     from metasft.errors import MetasftError
     from metasft.model import trainable_named_parameters
     from metasft.scope import parse_scope
-    from metasft.train import resolve_device
+    from metasft.distributed import resolve_device
 
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):

@@ -628,7 +628,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     from metasft.data.tasks import load_task, read_manifest_specs
     from metasft.model import load_tokenizer
     from metasft.config import ModelConfig
-    from metasft.train import resolve_device
+    from metasft.distributed import resolve_device
     from metasft.distributed import DistEnv
 
     console = console or Console()

@@ -23,7 +23,6 @@ import yaml
 from metasft.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-ALGORITHMS = ("maml", "fomaml", "reptile", "sft", "metaicl")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 
 
@@ -65,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class MetaConfig:
-    algorithm: Optional[Literal["maml", "fomaml", "reptile", "sft", "metaicl"]] = _f(
+    algorithm: Optional[str] = _f(
         None, "maml (second order), fomaml (first order), reptile, sft (multi-task baseline), or metaicl "
               "(multi-task SFT on rows of meta.metaicl_demos same-task demonstrations + one example). "
               "null = fomaml, or maml when meta.use_fomaml is false.")
@@ -183,9 +182,14 @@ class Config:
                 )
         if meta.algorithm is None:
             meta.algorithm = "maml" if meta.use_fomaml is False else "fomaml"
+        from metasft.algorithms import ALGORITHMS
+
+        if meta.algorithm not in ALGORITHMS:
+            raise ConfigError(f"meta.algorithm: {meta.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        algorithm = ALGORITHMS[meta.algorithm]  # what it supports is declared on the class
         _positive("meta.inner_lr", meta.inner_lr)
         _positive("meta.outer_lr", meta.outer_lr)
-        _at_least("meta.num_inner_steps", meta.num_inner_steps, 1 if meta.algorithm == "reptile" else 0)
+        _at_least("meta.num_inner_steps", meta.num_inner_steps, algorithm.min_inner_steps)
         for key in ("meta_batch_size", "inner_batch_size", "query_batch_size"):
             _at_least(f"meta.{key}", getattr(meta, key), 1)
         _at_least("meta.metaicl_demos", meta.metaicl_demos, 0)
@@ -196,8 +200,9 @@ class Config:
             if reason:
                 raise ConfigError(f"meta.task_batching=true: {reason}; set it to auto or false")
         if meta.learn_inner_lr != "none":
-            if meta.algorithm not in ("maml", "fomaml"):
-                raise ConfigError(f"meta.learn_inner_lr={meta.learn_inner_lr}: defined for maml and fomaml only, "
+            if not algorithm.learned_rates:
+                which = " and ".join(n for n, c in ALGORITHMS.items() if c.learned_rates)
+                raise ConfigError(f"meta.learn_inner_lr={meta.learn_inner_lr}: defined for {which} only, "
                                   f"not {meta.algorithm}")
             if model.use_fsdp:
                 raise ConfigError(f"meta.learn_inner_lr={meta.learn_inner_lr}: not supported under FSDP "
@@ -206,7 +211,7 @@ class Config:
         from metasft.scope import parse_scope
 
         scope = parse_scope(meta.inner_scope)
-        if scope.kind != "all" and meta.algorithm in ("sft", "metaicl"):
+        if scope.kind != "all" and not algorithm.episodic:
             raise ConfigError(f"meta.inner_scope={meta.inner_scope}: {meta.algorithm} has no inner loop; leave it at all")
         if model.train_top_layers is not None:
             _at_least("model.train_top_layers", model.train_top_layers, 1)
@@ -216,8 +221,10 @@ class Config:
         if model.use_fsdp and (scope.kind != "all" or model.train_top_layers is not None):
             raise ConfigError("model.use_fsdp: meta.inner_scope and model.train_top_layers are supported with the "
                               "task-parallel strategy only (model.use_fsdp=false)")
-        if meta.inner_optimizer == "adam" and meta.algorithm != "reptile":
-            raise ConfigError(f"meta.inner_optimizer=adam is only defined for reptile, not {meta.algorithm}")
+        if meta.inner_optimizer not in algorithm.inner_optimizers:
+            which = ", ".join(n for n, c in ALGORITHMS.items() if meta.inner_optimizer in c.inner_optimizers)
+            raise ConfigError(f"meta.inner_optimizer={meta.inner_optimizer} is only defined for {which}, "
+                              f"not {meta.algorithm}")
         if meta.tasks and meta.tasks_dir:
             raise ConfigError("meta.tasks and meta.tasks_dir are both set; give one")
         names = set()
@@ -235,7 +242,7 @@ class Config:
             raise ConfigError(f"model.lora_dropout: {model.lora_dropout} must be in [0, 1)")
         if isinstance(model.target_modules, list) and not model.target_modules:
             raise ConfigError("model.target_modules: empty list; name modules or use 'all-linear'")
-        if model.use_fsdp and meta.algorithm == "maml":
+        if model.use_fsdp and algorithm.second_order:
             raise ConfigError(
                 "model.use_fsdp: second-order maml is not supported under FSDP; "
                 "use meta.algorithm=fomaml or the task-parallel strategy (model.use_fsdp=false)"
@@ -262,7 +269,7 @@ class Config:
         _at_least("trainer.log_freq", trainer.log_freq, 1)
         if trainer.time_budget_s is not None:
             _positive("trainer.time_budget_s", trainer.time_budget_s)
-        if model.enable_gradient_checkpointing and meta.algorithm == "maml":
+        if model.enable_gradient_checkpointing and algorithm.second_order:
             raise ConfigError(
                 "model.enable_gradient_checkpointing: not supported with second-order maml (recomputation "
                 "in backward cannot see the adapted weights, so gradients would be silently wrong); "
@@ -280,8 +287,13 @@ class Config:
 
 def task_batching_conflict(cfg: "Config") -> str | None:
     """Why the tasks of a meta-step cannot adapt in one batched pass under ``cfg`` (None: they can)."""
-    if cfg.meta.algorithm in ("sft", "metaicl"):
+    from metasft.algorithms import ALGORITHMS
+
+    algorithm = ALGORITHMS[cfg.meta.algorithm]
+    if not algorithm.episodic:
         return f"{cfg.meta.algorithm} has no inner loop to batch (its tasks already share one batch per step)"
+    if not algorithm.batched():
+        return f"{cfg.meta.algorithm} has no task-batched form (run_batch)"
     if cfg.model.use_fsdp:
         return "not supported under FSDP (model.use_fsdp), whose ranks share every task's batch"
     if cfg.model.enable_gradient_checkpointing:

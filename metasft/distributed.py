@@ -129,3 +129,15 @@ def barrier() -> None:
 def shard(items: list, env: DistEnv) -> list:
     """This rank's share of a list (round robin), identical for every run with the same world size."""
     return items[env.rank::env.world_size]
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    from metasft.errors import ConfigError
+
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device: {name} requested but CUDA is not available")
+        return torch.device(f"cuda:{env.local_rank}") if name == "cuda" else torch.device(name)
+    return torch.device("cpu")

@@ -115,7 +115,7 @@ def eval_command(args) -> dict:
     from metasft.data.io import write_json_atomic
     from metasft.distributed import DistEnv
     from metasft.errors import MetasftError
-    from metasft.train import resolve_device
+    from metasft.distributed import resolve_device
 
     if args.batch_size < 1:
         raise MetasftError(f"--batch-size: {args.batch_size} must be >= 1")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from metasft import distributed, faults
+from metasft.distributed import resolve_device
 from metasft.adapt import adapt_and_score
 from metasft.algorithms import InnerLoop, build_algorithm
 from metasft.checkpoint import (latest_checkpoint, load_model_weights, load_optimizer_state, read_inner_lrs,
@@ -28,16 +29,6 @@ from metasft.errors import ConfigError, MetasftError
 from metasft.loggers import MetricLogger
 from metasft.model import count_parameters, is_peft_model, load_model, load_tokenizer, trainable_named_parameters
 from metasft.scope import parse_scope
-
-
-def resolve_device(name: str, env: distributed.DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device: {name} requested but CUDA is not available")
-        return torch.device(f"cuda:{env.local_rank}") if name == "cuda" else torch.device(name)
-    return torch.device("cpu")
 
 
 def build_optimizer(cfg: Config, params: list[torch.nn.Parameter],

@@ -7,16 +7,12 @@ from metasft.algorithms.maml import MAML
 from metasft.algorithms.reptile import Reptile
 from metasft.algorithms.sft import SFT, MetaICL
 
-__all__ = ["Episode", "InnerLoop", "MetaAlgorithm", "TaskMetrics", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Episode", "InnerLoop", "MetaAlgorithm", "TaskMetrics", "build_algorithm"]
+
+#: ``meta.algorithm`` name -> class; what each supports is declared on the class (see base.py).
+ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, SFT, MetaICL)}
 
 
 def build_algorithm(meta_cfg) -> MetaAlgorithm:
     """The algorithm named by ``meta.algorithm`` (already resolved by config validation)."""
-    registry = {
-        "maml": MAML,
-        "fomaml": FOMAML,
-        "reptile": lambda: Reptile(meta_cfg.inner_optimizer),
-        "sft": SFT,
-        "metaicl": MetaICL,
-    }
-    return registry[meta_cfg.algorithm]()
+    return ALGORITHMS[meta_cfg.algorithm].from_config(meta_cfg)

@@ -11,13 +11,32 @@ from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMet
 
 
 class MetaAlgorithm:
+    """Subclasses set ``name``, their declarations below (config validation reads them), and
+    ``run_task`` (``run_batch`` to be task-batched)."""
+
     name: str = ""
-    #: differentiates through the inner loop (needs double backward; refuses activation checkpointing)
+    #: differentiates through the inner loop (needs double backward; refuses activation checkpointing
+    #: and FSDP)
     second_order: bool = False
+    #: fewest inner steps that define the algorithm
+    min_inner_steps: int = 0
+    #: meta.learn_inner_lr (α as meta-parameters)
+    learned_rates: bool = False
+    #: meta.inner_optimizer values
+    inner_optimizers: tuple[str, ...] = ("sgd",)
     #: the episode holds K support batches and a query batch (False: one SFT batch)
     episodic: bool = True
     #: the meta-gradient differentiates the query loss (Reptile's does not use it)
     query_gradient: bool = True
+
+    @classmethod
+    def batched(cls) -> bool:
+        """Has a task-batched form (``run_batch``): ``meta.task_batching`` can apply."""
+        return cls.run_batch is not MetaAlgorithm.run_batch
+
+    @classmethod
+    def from_config(cls, meta_cfg) -> "MetaAlgorithm":
+        return cls()
 
     def task_weight(self, num_tasks: int) -> float:
         """Weight of one task's contribution: the meta-gradient is the *mean* over the meta-batch."""

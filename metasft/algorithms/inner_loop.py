@@ -37,23 +37,12 @@ import torch
 from torch.func import functional_call, vmap
 
 from metasft.data.collate import IGNORE_INDEX
+from metasft.data.episodes import Batch, Episode
 from metasft.distributed import has_dtensors
 from metasft.errors import MetasftError
 from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
 from metasft.scope import ALL, LayerWindow, PrefixCache, Scope, frozen_below, inner_indices
 
-Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class Episode:
-    """One task's data for one meta-step: the support batches of the K inner steps and the query
-    batch (or, for the SFT baseline, one training batch in ``support_batches[0]``)."""
-
-    task: str
-    support_batches: list[Batch]
-    query_batch: Batch | None = None
-    num_targets: int | None = None  # global token count to normalise by (SFT baseline)
 
 
 @dataclass

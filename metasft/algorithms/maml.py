@@ -24,6 +24,7 @@ from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMet
 class MAML(MetaAlgorithm):
     name = "maml"
     second_order = True
+    learned_rates = True
 
     def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
         metrics = TaskMetrics(episode.task)

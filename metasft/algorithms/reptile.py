@@ -18,9 +18,15 @@ from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMet
 class Reptile(MetaAlgorithm):
     name = "reptile"
     query_gradient = False
+    min_inner_steps = 1
+    inner_optimizers = ("sgd", "adam")
 
     def __init__(self, inner_optimizer: str = "sgd"):
         self.inner_optimizer = inner_optimizer
+
+    @classmethod
+    def from_config(cls, meta_cfg) -> "Reptile":
+        return cls(meta_cfg.inner_optimizer)
 
     def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
         metrics = TaskMetrics(episode.task)

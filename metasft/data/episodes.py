@@ -8,13 +8,28 @@ depend on the number of ranks, and the schedule state saved by rank 0 is the sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from metasft.algorithms.inner_loop import Episode
 from metasft.data.collate import collate_for_rank
 from metasft.data.tasks import BatchSchedule, Task, stable_seed
 from metasft.errors import ConfigError
+
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Episode:
+    """One task's data for one meta-step: the support batches of the K inner steps and the query
+    batch (or, for the SFT baseline, one training batch in ``support_batches[0]``)."""
+
+    task: str
+    support_batches: list[Batch]
+    query_batch: Batch | None = None
+    num_targets: int | None = None  # global token count to normalise by (SFT baseline)
 
 
 class EpisodeSampler:

@@ -155,3 +155,37 @@ def test_auto_does_not_batch_the_full_weights_of_a_large_model(overrides, expect
     per_pass, reason = resolve_tasks_per_pass(cfg, num_meta_params=AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS + 1)
     assert per_pass == expected
     assert (expected == 1) == ("measured slower" in reason)
+
+
+def test_validation_reads_what_an_algorithm_declares(monkeypatch):
+    """A new algorithm is a class plus one registry entry: one without ``run_batch`` gets task batching
+    refused up front (not at its first meta-step), and its other declarations are honoured."""
+    from metasft.algorithms import ALGORITHMS, MetaAlgorithm
+    from metasft.config import task_batching_conflict
+
+    class Plain(MetaAlgorithm):
+        name = "plain"
+        min_inner_steps = 2
+
+    monkeypatch.setitem(ALGORITHMS, "plain", Plain)
+    cfg = Config.from_dict({"meta": {"algorithm": "plain", "num_inner_steps": 2}})
+    assert "no task-batched form" in task_batching_conflict(cfg)
+    with pytest.raises(ConfigError, match="meta.task_batching=true: plain has no task-batched form"):
+        Config.from_dict({"meta": {"algorithm": "plain", "num_inner_steps": 2, "task_batching": True}})
+    with pytest.raises(ConfigError, match="meta.num_inner_steps: 1 must be >= 2"):
+        Config.from_dict({"meta": {"algorithm": "plain", "num_inner_steps": 1}})
+    with pytest.raises(ConfigError, match="meta.learn_inner_lr=per_tensor: defined for maml and fomaml only, not plain"):
+        Config.from_dict({"meta": {"algorithm": "plain", "num_inner_steps": 2, "learn_inner_lr": "per_tensor"}})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"meta": {"algorithm": "sft", "inner_scope": "head"}}, "sft has no inner loop"),
+    ({"meta": {"inner_scope": "top"}}, "meta.inner_scope: 'top' is not all, head or top_layers:N"),
+    ({"meta": {"inner_scope": "top_layers:0"}}, "is not all, head or top_layers:N"),
+    ({"meta": {"inner_scope": "top_layers:3"}, "model": {"train_top_layers": 2}}, "must lie within the meta-parameters"),
+    ({"model": {"train_top_layers": 0}}, "model.train_top_layers: 0 must be >= 1"),
+    ({"meta": {"inner_scope": "head"}, "model": {"use_fsdp": True}}, "task-parallel strategy only"),
+])
+def test_scope_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict(overrides)
