@@ -40,9 +40,9 @@ def adapt_rows(engine: InnerLoop, rows: list[Encoded], *, steps: int, batch_size
         chunk = [rows[i] for i in schedule.next_indices()]
         batches.append(collate_for_rank(chunk, pad_token_id, *row_shard, device=engine.device))
     # Layers below the inner scope run once per distinct batch, not once per step.
-    batches = engine.prepare_episode(Episode(task, batches)).support_batches
-    inner_optimizer = torch.optim.AdamW(engine.inner_params, lr=lr, weight_decay=0.0) if optimizer == "adamw" else None
-    engine.adapt_in_place(batches, optimizer=inner_optimizer, lr=lr)
+    episode = engine.prepare_episode(Episode(task, batches))
+    # SGD takes the engine's learned rates when it holds any (a checkpoint's), else lr.
+    engine.adapt(engine.stack([episode]), rule=engine.update_rule(lr, optimizer))
 
 
 def load_learned_rates(engine: InnerLoop, checkpoint) -> bool:

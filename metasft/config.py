@@ -293,7 +293,7 @@ def task_batching_conflict(cfg: "Config") -> str | None:
     if not algorithm.episodic:
         return f"{cfg.meta.algorithm} has no inner loop to batch (its tasks already share one batch per step)"
     if not algorithm.batched():
-        return f"{cfg.meta.algorithm} has no task-batched form (run_batch)"
+        return f"{cfg.meta.algorithm} has no task-batched form"
     if cfg.model.use_fsdp:
         return "not supported under FSDP (model.use_fsdp), whose ranks share every task's batch"
     if cfg.model.enable_gradient_checkpointing:

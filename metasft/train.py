@@ -110,11 +110,8 @@ def accumulate_meta_gradient(engine: InnerLoop, algorithm, episodes, weight: flo
         # model.train_top_layers); with the graph to the meta-parameters below the split where needed.
         chunk = [engine.prepare_episode(ep, support_graph=algorithm.second_order, query_graph=algorithm.query_gradient)
                  for ep in episodes[start:start + tasks_per_pass]]
-        if len(chunk) == 1:
-            task_metrics.append(algorithm.run_task(engine, chunk[0], weight, want_pre=want_pre))
-        else:
-            engine.restore()  # a sequential task before may have left adapted weights in the model
-            task_metrics += algorithm.run_batch(engine, engine.stack(chunk), weight, want_pre=want_pre)
+        engine.restore()  # the pass before may have left adapted weights in the model
+        task_metrics += algorithm.run(engine, engine.stack(chunk), weight, want_pre=want_pre)
     engine.restore()
     return task_metrics
 

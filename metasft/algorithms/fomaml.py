@@ -5,44 +5,26 @@
 
 With learned inner rates (``meta.learn_inner_lr``) α is a meta-parameter too; its first-order
 gradient is −⟨∇_φ L_query(φ_i), g_k⟩ per tensor (``InnerLoop.accumulate_first_order_rates``).
-
-With LoRA on (``model.lora_rank > 0``) this is META-LoRA: θ is only the adapter weights.
+With ``meta.inner_scope: head`` this is first-order ANIL; with LoRA on it is META-LoRA.
 """
 
 from __future__ import annotations
 
-
 from metasft.algorithms.base import MetaAlgorithm
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskBatch, TaskMetrics, _tokens
+from metasft.algorithms.inner_loop import InnerLoop, TaskBatch, TaskMetrics
 
 
 class FOMAML(MetaAlgorithm):
     name = "fomaml"
     learned_rates = True
 
-    def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
-        metrics = TaskMetrics(episode.task)
-        engine.restore()
-        if want_pre:
-            metrics.query_loss_pre = engine.eval_loss(episode.query_batch)
-        engine.adapt_in_place(episode.support_batches, metrics)
-        query_loss = engine.loss(episode.query_batch)
-        metrics.query_loss_post = float(query_loss.detach())
-        metrics.tokens += _tokens(episode.query_batch)
-        grads = engine.grad(query_loss)  # every meta-parameter: the inner scope at φ, the rest at θ
+    def run(self, engine: InnerLoop, tasks: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
+        metrics = engine.start_metrics(tasks, want_pre)
+        adapted = engine.adapt(tasks, metrics)
+        query_losses = engine.losses(tasks.query, adapted)
+        engine.record_losses(tasks, metrics, "query_loss_post", query_losses, count_tokens=True)
+        # Every meta-parameter's gradient: the inner scope's at φ (summed over tasks), the rest at θ.
+        grads, inner = engine.first_order_grads(query_losses.sum(), adapted)
         engine.accumulate(grads, weight)
-        engine.accumulate_first_order_rates(engine.inner_part(grads), weight)  # learned inner rates only
-        return metrics
-
-    def run_batch(self, engine: InnerLoop, batch: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
-        metrics = self.new_metrics(batch)
-        if want_pre:
-            engine.record_query_loss_pre(batch, metrics)
-        adapted = engine.adapt_batched(batch, metrics)
-        query_losses = engine.batched_losses(adapted, batch.query)
-        engine.record_query_losses(batch, metrics, query_losses, "query_loss_post", count_tokens=True)
-        # The inner scope's gradients come stacked [T, ...] (task t's in slice t), the rest summed.
-        grads, inner = engine.query_grads(query_losses.sum(), adapted)
-        engine.accumulate(grads, weight)
-        engine.accumulate_first_order_rates(inner, weight)  # learned inner rates only
+        engine.accumulate_first_order_rates(inner, adapted, weight)  # learned inner rates only
         return metrics

@@ -1,30 +1,28 @@
-"""The inner-loop engine every algorithm runs on.
+"""The inner-loop engine every algorithm runs on: one adaptation path for one task or many.
 
-An :class:`InnerLoop` owns the meta-parameters θ (all trainable weights, or only LoRA adapters:
-the *scope* is just which parameters it is given) and offers the few operations the algorithms
-are made of:
+An :class:`InnerLoop` owns the meta-parameters θ (all trainable weights, LoRA adapters, or the top
+layers: ``model.lora_*`` and ``model.train_top_layers``) and, within them, the *inner scope* the inner
+loop adapts (``meta.inner_scope``: all, the head, the top layers). Algorithms are made of:
 
-* ``snapshot()`` / ``restore()`` — remember θ at the start of a meta-step and put it back before
-  each task (foreach copies into buffers allocated once per run);
-* ``adapt_in_place(support_batches)`` — K plain-SGD steps φ ← φ − α ∇L_support(φ) applied to the
-  model's own parameters (first-order algorithms; correct under activation checkpointing, since
-  parameters only change between a backward pass and the next forward);
-* ``adapt_functional(support_batches)`` — the same K steps as a differentiable function of θ through
-  ``torch.func.functional_call`` (second-order MAML);
-* ``loss(batch, weights=None)`` — the §2.3 token-mean loss, at the model's weights or at ``weights``;
-* ``grad(loss, wrt)`` — gradients as a list aligned with θ (zeros where unused);
-* ``stack(episodes)`` / ``batched_losses`` / ``adapt_batched`` — the same adaptation for T tasks at
-  once (``meta.task_batching``): per-task weights stacked along a new first dimension and one
-  ``torch.func.vmap`` over ``functional_call`` per inner step, so T tasks cost one pass of T-times
-  larger operations instead of T passes (see "Task batching" below).
+* ``stack(episodes)`` — T tasks' (prepared) episodes as one :class:`TaskBatch` (T = 1 keeps the
+  task's own batches);
+* ``adapt(tasks, metrics, second_order, rule)`` — K inner steps of an update rule
+  (:mod:`metasft.algorithms.updates`: SGD, learned rates, Adam) on T tasks at once; φ is held in
+  place in the model (one task, first order) or stacked ``[T, ...]`` (see "adaptation" below);
+* ``losses(batch, adapted)`` — each task's §2.3 loss, ``[T]``;
+* ``first_order_grads`` / ``accumulate_through_inner_loop`` / ``displacement`` — the three ways the
+  algorithms turn an adaptation into a meta-gradient contribution, added into ``meta_grad``;
+* ``snapshot()`` / ``restore()`` — θ at the start of a meta-step, put back before each task.
 
-With learned inner rates (``meta.learn_inner_lr``, Meta-SGD / MAML++) every meta-parameter has its
-own α — one per tensor, or one per tensor and inner step — in ``rates``; the inner steps use them,
-and ``rates_meta_grad`` collects their meta-gradient (exact through the graph for MAML, the
+Layers below the inner scope run once per batch (``prepare_episode``), and below the meta-parameters
+once per row for the run (``scope.PrefixCache``).
+
+With learned inner rates (``meta.learn_inner_lr``, Meta-SGD / MAML++) every inner-scope tensor has
+its own α — one per tensor, or one per tensor and inner step — in ``rates``; the inner steps use
+them, and ``rates_meta_grad`` collects their meta-gradient (exact through the graph for MAML, the
 first-order expression for FOMAML: :meth:`InnerLoop.accumulate_first_order_rates`).
 
-Each algorithm then adds its task's contribution into ``meta_grad``; the trainer all-reduces it,
-writes it to ``.grad`` and steps the outer optimizer.
+The trainer all-reduces ``meta_grad``, writes it to ``.grad`` and steps the outer optimizer.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from metasft.data.episodes import Batch, Episode
 from metasft.distributed import has_dtensors
 from metasft.errors import MetasftError
 from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
+from metasft.algorithms.updates import SGD, Adam, LearnedSGD, step_in_place
 from metasft.scope import ALL, LayerWindow, PrefixCache, Scope, frozen_below, inner_indices
 
 
@@ -99,6 +98,16 @@ class TaskMetrics:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class Adapted:
+    """The outcome of :meth:`InnerLoop.adapt`: φ stacked ``[T, ...]`` per inner-scope tensor (None:
+    held in the model's own parameters), and with learned rates under first order each inner step's
+    gradients (what the α-gradient needs; nothing is left behind in the engine between calls)."""
+
+    weights: dict[str, torch.Tensor] | None
+    inner_grads: list[list[torch.Tensor]] | None = None
+
+
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Plain tensors for foreach ops: under FSDP2 parameters and gradients are DTensors, and the
     update of a shard is the same update on its local tensor (which shares the storage).
@@ -154,8 +163,6 @@ class InnerLoop:
         self.rates: list[torch.nn.Parameter] = []
         self.rates_meta_grad: list[torch.Tensor] = []
         self.learning_rates = learn_inner_lr != "none"
-        self._inner_grads: list | None = None
-        self._rate_floats: dict[int, list[float]] | None = None
         if self.learning_rates:
             shape = (num_inner_steps,) if learn_inner_lr == "per_tensor_per_step" else ()
             self.set_rates([torch.full(shape, float(inner_lr), device=self.device) for _ in self.inner_params])
@@ -221,15 +228,12 @@ class InnerLoop:
 
     # ------------------------------------------------------------------ learned inner rates
     def set_rates(self, values: list[torch.Tensor]) -> None:
-        """Give every meta-parameter its own inner rate (a scalar, or one per inner step)."""
+        """Give every inner-scope tensor its own inner rate (a scalar, or one per inner step)."""
         self.rates = [torch.nn.Parameter(v.detach().clone().float().to(self.device)) for v in values]
         self.rates_meta_grad = [torch.zeros_like(r) for r in self.rates]
-        self._rate_floats = None
 
     def load_rates(self, by_name: dict[str, torch.Tensor], source: str = "inner_lrs.safetensors") -> None:
-        """Set the rates from a checkpoint's ``inner_lrs.safetensors`` (every meta-parameter's)."""
-        from metasft.errors import MetasftError
-
+        """Set the rates from a checkpoint's ``inner_lrs.safetensors`` (every inner-scope tensor's)."""
         missing = [n for n in self.inner_names if n not in by_name]
         if missing:
             raise MetasftError(f"{source}: no inner rate for {missing[0]} (was it saved for another model or scope?)")
@@ -241,41 +245,23 @@ class InnerLoop:
             with torch.no_grad():
                 for rate, value in zip(self.rates, values):
                     rate.copy_(value)
-            self._rate_floats = None
         else:
             self.set_rates(values)
 
     def rates_by_name(self) -> dict[str, torch.Tensor]:
         return {name: r.detach().clone() for name, r in zip(self.inner_names, self.rates)}
 
-    def _rate(self, index: int, step: int) -> torch.Tensor:
-        rate = self.rates[index]
-        # Per-step rates beyond the K that were learnt (an adaptation of more steps) keep the last.
-        return rate if rate.dim() == 0 else rate[min(step, rate.shape[0] - 1)]
-
-    def _step_rates(self, step: int) -> list[float]:
-        """The first-order paths' rates as Python numbers, read once per value of the rates (they
-        change only at the outer step): a device sync per tensor per inner step would not be free."""
-        if self._rate_floats is None:
-            self._rate_floats = {}
-        if step not in self._rate_floats:
-            self._rate_floats[step] = [float(self._rate(i, step)) for i in range(len(self.inner_params))]
-        return self._rate_floats[step]
-
-    def _record_inner_grads(self, step: int, grads: list[torch.Tensor]) -> None:
-        """Keep what the first-order α-gradient needs: Σ_k g_k per tensor, or every g_k per step."""
-        if not self.learning_rates:
-            return
-        with torch.no_grad():
-            if self.rates[0].dim() > 0:
-                self._inner_grads.append([g.detach().clone() for g in grads])
-            elif step == 0:
-                self._inner_grads = [[g.detach().clone() for g in grads]]
-            else:
-                torch._foreach_add_(self._inner_grads[0], [g.detach() for g in grads])
+    def update_rule(self, lr: float | None = None, optimizer: str = "sgd"):
+        """The inner update: Adam with fresh moments (``adam``; ``adamw`` has no weight decay here,
+        so it is the same), else SGD with the learned rates when the engine holds any, else SGD at
+        ``lr`` (default ``inner_lr``)."""
+        lr = self.inner_lr if lr is None else lr
+        if optimizer in ("adam", "adamw"):
+            return Adam(lr)
+        return LearnedSGD(self.rates) if self.rates else SGD(lr)
 
     @torch.no_grad()
-    def accumulate_first_order_rates(self, query_grads: list[torch.Tensor], weight: float) -> None:
+    def accumulate_first_order_rates(self, query_grads: list[torch.Tensor], adapted: "Adapted", weight: float) -> None:
         """FOMAML's α-gradient × ``weight`` into ``rates_meta_grad``.
 
         The first-order approximation treats each inner gradient g_k as a constant, so
@@ -285,9 +271,8 @@ class InnerLoop:
         if not self.learning_rates:
             return
         for i, (rate, q) in enumerate(zip(self.rates_meta_grad, query_grads)):
-            dots = torch.stack([-(q.detach() * step_grads[i]).sum() for step_grads in self._inner_grads])
+            dots = torch.stack([-(q.detach() * step_grads[i]).sum() for step_grads in adapted.inner_grads])
             rate.add_((dots if rate.dim() > 0 else dots.sum()).to(rate.dtype), alpha=weight)
-        self._inner_grads = None
 
     def accumulate_through_inner_loop(self, loss: torch.Tensor, weight: float) -> None:
         """MAML: ∇_θ ``loss`` through the inner loop (and ∇_α with learned rates) × ``weight``."""
@@ -304,7 +289,6 @@ class InnerLoop:
         """Keep every α ≥ 0 after an outer step (a negative rate would ascend the support loss)."""
         for rate in self.rates:
             rate.clamp_(min=0.0)
-        self._rate_floats = None
 
     # ------------------------------------------------------------------ θ bookkeeping
     @torch.no_grad()
@@ -403,20 +387,6 @@ class InnerLoop:
         grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
         return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
 
-    def query_grads(self, loss: torch.Tensor, adapted: dict[str, torch.Tensor]) -> tuple[list, list]:
-        """First-order meta-gradient of a (summed) query ``loss`` at the adapted weights: returns
-        the gradient aligned with θ — the inner scope's at φ (summed over a stack's tasks), the
-        other meta-parameters' at θ — and the inner scope's own, stacked ``[T, ...]`` as φ is."""
-        others = [i for i in range(len(self.params)) if i not in set(self.inner_index)]
-        grads = self.grad(loss, list(adapted.values()) + [self.params[i] for i in others])
-        inner, rest = grads[:len(adapted)], grads[len(adapted):]
-        full: list = [None] * len(self.params)
-        for i, g in zip(self.inner_index, inner):
-            full[i] = g.sum(0) if g.dim() > self.params[i].dim() else g
-        for i, g in zip(others, rest):
-            full[i] = g
-        return full, inner
-
     def inner_part(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """The inner scope's entries of a list aligned with θ."""
         return [grads[i] for i in self.inner_index]
@@ -425,67 +395,24 @@ class InnerLoop:
     def eval_loss(self, batch: Batch) -> float:
         return float(self.loss(batch))
 
-    # ------------------------------------------------------------------ adaptation
-    def adapt_in_place(self, support_batches: list[Batch], metrics: TaskMetrics | None = None,
-                       optimizer: torch.optim.Optimizer | None = None, lr: float | None = None) -> None:
-        """φ ← φ − α ∇L_support(φ) for each batch, on the model's inner-scope parameters (first
-        order); α is ``lr`` when given (adaptation at test time), else ``inner_lr`` or the learned rates.
-
-        With ``optimizer`` (Reptile's optional inner Adam) that optimizer steps instead of SGD."""
-        lr = self.inner_lr if lr is None else lr
-        if self.learning_rates:
-            self._inner_grads = []
-        whole = len(self.inner_params) == len(self.params)
-        for step, batch in enumerate(support_batches):
-            loss = self.loss(batch)
-            _record_inner_step(metrics, step, batch, loss)
-            grads = self.grad(loss, None if whole else self.inner_params)
-            self._record_inner_grads(step, grads)
-            self.before_param_write()
-            if optimizer is None and self.rates:
-                with torch.no_grad():
-                    torch._foreach_sub_(_local(self.inner_params), torch._foreach_mul(_local(grads), self._step_rates(step)))
-            elif optimizer is None:
-                with torch.no_grad():
-                    torch._foreach_add_(_local(self.inner_params), _local(grads), alpha=-lr)
-            else:
-                for param, g in zip(self.inner_params, grads):
-                    param.grad = g
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-    def adapt_functional(self, support_batches: list[Batch], create_graph: bool = True,
-                         metrics: TaskMetrics | None = None) -> dict[str, torch.Tensor]:
-        """The same SGD steps as a function of θ: returns φ_K with the graph back to θ kept
-        (``create_graph``), so a query loss at φ_K differentiates through the inner loop."""
-        # Only the inner scope is replaced; the other meta-parameters enter as the module's own θ.
-        weights = dict(zip(self.inner_names, self.inner_params))
-        for step, batch in enumerate(support_batches):
-            loss = self.loss(batch, weights, double_backward=create_graph)
-            _record_inner_step(metrics, step, batch, loss)
-            grads = self.grad(loss, list(weights.values()), create_graph=create_graph)
-            weights = self._sgd_step(weights, grads, step)
-        return weights
-
-    def _sgd_step(self, weights: dict[str, torch.Tensor], grads: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """φ − α ∇L as differentiable ops (MAML keeps their graph): α from the learned rates when
-        there are any (in the graph too), else ``inner_lr``."""
-        if self.rates:
-            return {n: w - self._rate(i, step) * g for i, ((n, w), g) in enumerate(zip(weights.items(), grads))}
-        # torch.add with alpha: one differentiable op per tensor instead of a mul and a sub.
-        return {n: torch.add(w, g, alpha=-self.inner_lr) for (n, w), g in zip(weights.items(), grads)}
-
-
-    # ------------------------------------------------------------------ task batching
-    # T tasks adapt together: each meta-parameter becomes a [T, ...] stack of per-task weights, and
-    # one vmap over functional_call computes the T losses of an inner step, [T]. The gradient of
-    # their *sum* with respect to the stack is, slice by slice, each task's own gradient (task t's
-    # loss depends only on slice t), so every update below is the sequential update, T at a time.
-    # Under LoRA only the adapters are stacked; the frozen base is shared and its matmuls batch
-    # over all T tasks' rows. θ itself is never written to.
+    # ------------------------------------------------------------------ adaptation (one path)
+    # T tasks adapt together. φ lives in one of two storages, chosen per pass:
+    #  * in place: the model's own inner-scope parameters hold φ (T = 1, first order). Parameters
+    #    change only between a backward and the next forward, so activation checkpointing and FSDP's
+    #    sharded parameters stay correct, and full weights of a large model need no second copy.
+    #  * stacked: each inner-scope tensor becomes a [T, ...] stack of per-task weights, and one
+    #    torch.func.vmap over functional_call computes the T losses of an inner step, [T]. The
+    #    gradient of their sum with respect to the stack is, slice by slice, each task's own gradient
+    #    (task t's loss depends only on slice t). Under LoRA only the adapters are stacked and the
+    #    frozen base's matmuls batch over all T tasks' rows. With T = 1 the slice is called directly,
+    #    without vmap. MAML always uses it: φ stays a differentiable function of θ.
+    # θ itself is never written to in the stacked storage.
 
     def stack(self, episodes: list[Episode]) -> TaskBatch:
-        """T (prepared) episodes as one :class:`TaskBatch`."""
+        """T (prepared) episodes as one :class:`TaskBatch`; a lone task keeps its own batches."""
+        if len(episodes) == 1:
+            ep = episodes[0]
+            return TaskBatch(episodes, list(ep.support_batches), ep.query_batch)
         num_steps = len(episodes[0].support_batches)
         support = [stack_batches([ep.support_batches[k] for ep in episodes]) for k in range(num_steps)]
         query = None
@@ -493,10 +420,14 @@ class InnerLoop:
             query = stack_batches([ep.query_batch for ep in episodes])
         return TaskBatch(episodes, support, query)
 
-    def batched_losses(self, weights: dict[str, torch.Tensor] | None, batch: Batch,
-                       double_backward: bool = False) -> torch.Tensor:
-        """The §2.3 loss of each task, ``[T]``: task t's batch at its weights ``weights[name][t]``
-        (or at θ, shared by every task, when ``weights`` is None)."""
+    def losses(self, batch: Batch, adapted: "Adapted | None" = None, double_backward: bool = False) -> torch.Tensor:
+        """The §2.3 loss of each task, ``[T]``: task t's rows at its adapted weights (at the model's
+        own parameters when ``adapted`` is None or held in place)."""
+        weights = None if adapted is None else adapted.weights
+        if batch["input_ids"].dim() == 2:  # one task, its own collated batch
+            if weights is not None:
+                weights = {n: w[0] for n, w in weights.items()}
+            return self.loss(batch, weights, double_backward=double_backward).unsqueeze(0)
         # Target positions are data-dependent, so they are found here, over every task's rows, not
         # inside vmap; padding rows and tasks with fewer targets just ignore the extra positions.
         positions = target_positions(batch["labels"]) if accepts_logits_to_keep(self.model) else None
@@ -506,53 +437,91 @@ class InnerLoop:
             return vmap(lambda w, b: lm_loss(_FunctionalModel(self.model, w), b, positions=positions, module=self.model),
                         randomness="different")(weights, batch)
 
-    def adapt_batched(self, batch: TaskBatch, metrics: list[TaskMetrics], create_graph: bool = False,
-                      inner_optimizer: str = "sgd") -> dict[str, torch.Tensor]:
-        """K inner steps of T tasks at once; returns φ_K stacked ``[T, ...]`` per meta-parameter.
+    def adapt(self, tasks: TaskBatch, metrics: list[TaskMetrics] | None = None, second_order: bool = False,
+              rule=None) -> "Adapted":
+        """K inner steps of ``rule`` (default :meth:`update_rule`) on every task's support batches.
 
-        ``create_graph`` (MAML): φ stays a differentiable function of θ. Otherwise each φ is a
-        detached leaf that requires grad (first order). ``inner_optimizer="adam"`` (Reptile) runs
-        ``torch.optim.Adam``'s update with default hyperparameters and fresh moments per task."""
-        size = batch.size
-        if create_graph:
-            weights = {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in zip(self.inner_names, self.inner_params)}
-        else:
-            weights = {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_()
-                       for n, p in zip(self.inner_names, self.inner_params)}
-        adam = _StackedAdam(self.inner_lr) if inner_optimizer == "adam" else None
-        if self.learning_rates:
-            self._inner_grads = []
-        for step, support in enumerate(batch.support):
-            losses = self.batched_losses(weights, support, double_backward=create_graph)
-            for value, m, ep in zip(losses.detach().tolist(), metrics, batch.episodes):
-                _record_inner_step(m, step, ep.support_batches[step], value)
-            grads = self.grad(losses.sum(), list(weights.values()), create_graph=create_graph)
-            if create_graph:
-                weights = self._sgd_step(weights, grads, step)
-                continue
-            self._record_inner_grads(step, grads)
-            with torch.no_grad():
-                if adam is None and self.rates:
-                    new = [w - rate * g for w, g, rate in zip(weights.values(), grads, self._step_rates(step))]
-                elif adam is None:
-                    new = [torch.add(w, g, alpha=-self.inner_lr) for w, g in zip(weights.values(), grads)]
-                else:
-                    new = adam.step(list(weights.values()), grads)
-            weights = {n: w.requires_grad_() for n, w in zip(weights, new)}
-        return weights
+        ``second_order`` (MAML): φ stays a differentiable function of θ (and of learned rates).
+        Otherwise each step's gradient is a constant; with learned rates those gradients are kept
+        in the returned :class:`Adapted` for the first-order α-gradient."""
+        rule = rule or self.update_rule()
+        keep_grads = self.learning_rates and not second_order
+        in_place = tasks.size == 1 and not second_order
+        adapted = Adapted(None if in_place else self._start_weights(tasks.size, second_order), [] if keep_grads else None)
+        for k, batch in enumerate(tasks.support):
+            losses = self.losses(batch, None if in_place else adapted, double_backward=second_order)
+            for m, ep, value in zip(metrics or [], tasks.episodes, losses.detach().tolist()):
+                _record_inner_step(m, k, ep.support_batches[k], value)
+            wrt = self.inner_params if in_place else list(adapted.weights.values())
+            whole = in_place and len(self.inner_params) == len(self.params)
+            grads = self.grad(losses.sum(), None if whole else wrt, create_graph=second_order)
+            if keep_grads:
+                adapted.inner_grads.append([g.detach() for g in grads])
+            if second_order:
+                adapted.weights = dict(zip(adapted.weights, rule.step(wrt, grads, k)))
+            elif in_place:
+                self.before_param_write()
+                with torch.no_grad():
+                    step_in_place(rule, _local(self.inner_params), _local(grads), k)
+            else:
+                with torch.no_grad():
+                    new = rule.step(wrt, grads, k)
+                adapted.weights = {n: w.requires_grad_() for n, w in zip(adapted.weights, new)}
+        return adapted
+
+    def _start_weights(self, size: int, graph: bool) -> dict[str, torch.Tensor]:
+        """θ's inner scope broadcast to ``size`` tasks: a view of θ in the graph (MAML: the backward
+        pass sums the tasks' paths into θ), or a detached leaf per step (first order)."""
+        if graph:
+            return {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in zip(self.inner_names, self.inner_params)}
+        return {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_()
+                for n, p in zip(self.inner_names, self.inner_params)}
+
+    def first_order_grads(self, loss: torch.Tensor, adapted: "Adapted") -> tuple[list, list]:
+        """The gradient of a (summed) query ``loss`` at the adapted weights, aligned with θ (the inner
+        scope's at φ, summed over the tasks; the other meta-parameters' at θ), and the inner scope's
+        own, per task as φ is stored."""
+        if adapted.weights is None:  # in place: the model holds φ
+            grads = self.grad(loss)
+            return grads, self.inner_part(grads)
+        inner = set(self.inner_index)
+        others = [i for i in range(len(self.params)) if i not in inner]
+        grads = self.grad(loss, list(adapted.weights.values()) + [self.params[i] for i in others])
+        inner_grads, rest = grads[:len(self.inner_index)], grads[len(self.inner_index):]
+        full: list = [None] * len(self.params)
+        for i, g in zip(self.inner_index, inner_grads):
+            full[i] = g.sum(0)
+        for i, g in zip(others, rest):
+            full[i] = g
+        return full, inner_grads
 
     @torch.no_grad()
-    def record_query_loss_pre(self, batch: TaskBatch, metrics: list[TaskMetrics]) -> None:
-        """Each task's query loss at θ (before adaptation), one batched forward for all tasks."""
-        self.record_query_losses(batch, metrics, self.batched_losses(None, batch.query), "query_loss_pre",
-                                 count_tokens=False)
+    def displacement(self, adapted: "Adapted") -> list[torch.Tensor]:
+        """Σ_t (θ − φ_t) over the inner scope (zero elsewhere: the inner loop did not move it)."""
+        if adapted.weights is None:
+            return [theta - p for theta, p in zip(self.inner_theta(), self.inner_params)]
+        # Differences first: θ − φ is small next to θ, and subtracting per task keeps its rounding
+        # relative to the difference.
+        return [(p.unsqueeze(0) - phi).sum(0) for p, phi in zip(self.inner_params, adapted.weights.values())]
 
-    def record_query_losses(self, batch: TaskBatch, metrics: list[TaskMetrics], losses: torch.Tensor,
-                            attribute: str, count_tokens: bool) -> None:
-        for value, m, ep in zip(losses.detach().tolist(), metrics, batch.episodes):
+    def inner_theta(self) -> list[torch.Tensor]:
+        return [self.theta[i] for i in self.inner_index]
+
+    @torch.no_grad()
+    def record_losses(self, tasks: TaskBatch, metrics: list[TaskMetrics], attribute: str, losses: torch.Tensor,
+                      count_tokens: bool = False) -> None:
+        for value, m, ep in zip(losses.detach().tolist(), metrics, tasks.episodes):
             setattr(m, attribute, value)
             if count_tokens:
                 m.tokens += _tokens(ep.query_batch)
+
+    def start_metrics(self, tasks: TaskBatch, want_pre: bool) -> list[TaskMetrics]:
+        """Fresh metrics for each task, with its query loss at θ when asked (one forward for all)."""
+        metrics = [TaskMetrics(ep.task) for ep in tasks.episodes]
+        if want_pre and tasks.query is not None:
+            with torch.no_grad():
+                self.record_losses(tasks, metrics, "query_loss_pre", self.losses(tasks.query))
+        return metrics
 
 
 class _AutocastAttention(torch.overrides.TorchFunctionMode):
@@ -578,30 +547,6 @@ class _AutocastAttention(torch.overrides.TorchFunctionMode):
 
 def _device_type(args) -> str:
     return args[0].device.type if args and torch.is_tensor(args[0]) else "cpu"
-
-
-class _StackedAdam:
-    """``torch.optim.Adam(lr)`` (betas 0.9/0.999, eps 1e-8, no weight decay) on stacked per-task
-    weights: the update is elementwise, so stacking T tasks' moments is T independent Adams."""
-
-    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.steps, self.exp_avg, self.exp_avg_sq = 0, None, None
-
-    def step(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        beta1, beta2 = self.betas
-        if self.exp_avg is None:
-            self.exp_avg = [torch.zeros_like(g) for g in grads]
-            self.exp_avg_sq = [torch.zeros_like(g) for g in grads]
-        self.steps += 1
-        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
-        out = []
-        for w, g, m, v in zip(weights, grads, self.exp_avg, self.exp_avg_sq):
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
-            out.append(torch.addcdiv(w.detach(), m, denom, value=-self.lr / bias1))
-        return out
 
 
 def _record_inner_step(metrics: TaskMetrics | None, step: int, batch: Batch, loss: torch.Tensor | float) -> None:

@@ -9,17 +9,19 @@ divided by B's total target count (``episode.num_targets``), and the parts add u
 from __future__ import annotations
 
 from metasft.algorithms.base import MetaAlgorithm
-from metasft.algorithms.inner_loop import Episode, InnerLoop, TaskMetrics, _tokens
+from metasft.algorithms.inner_loop import InnerLoop, TaskBatch, TaskMetrics, _tokens
 
 
 class SFT(MetaAlgorithm):
     name = "sft"
     episodic = False
+    batches_tasks = False  # no inner loop: its tasks already share one batch per step
 
     def task_weight(self, num_tasks: int) -> float:
         return 1.0  # each part is already normalised by the global token count
 
-    def run_task(self, engine: InnerLoop, episode: Episode, weight: float, want_pre: bool) -> TaskMetrics:
+    def run(self, engine: InnerLoop, tasks: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
+        (episode,) = tasks.episodes
         metrics = TaskMetrics(episode.task)
         batch = episode.support_batches[0]
         loss = engine.loss(batch, num_targets=episode.num_targets)
@@ -27,7 +29,7 @@ class SFT(MetaAlgorithm):
         metrics.extra["loss_part"] = float(loss.detach())
         metrics.finite = bool(loss.detach().isfinite())
         engine.accumulate(engine.grad(loss), weight)
-        return metrics
+        return [metrics]
 
 
 class MetaICL(SFT):

@@ -228,5 +228,5 @@ def test_fused_attention_really_lacks_double_backward(tiny_llama_dir, episodes):
     named = trainable_named_parameters(model)
     engine = InnerLoop(model, named, INNER_LR, K, force_math_attention=False)
     with pytest.raises(RuntimeError, match="derivative for .* is not implemented"):
-        weights = engine.adapt_functional(episodes[0].support_batches, create_graph=True)
-        engine.grad(engine.loss(episodes[0].query_batch, weights))
+        adapted = engine.adapt(engine.stack(episodes[:1]), second_order=True)
+        engine.grad(engine.losses(episodes[0].query_batch, adapted).sum())

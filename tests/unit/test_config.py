@@ -158,14 +158,15 @@ def test_auto_does_not_batch_the_full_weights_of_a_large_model(overrides, expect
 
 
 def test_validation_reads_what_an_algorithm_declares(monkeypatch):
-    """A new algorithm is a class plus one registry entry: one without ``run_batch`` gets task batching
-    refused up front (not at its first meta-step), and its other declarations are honoured."""
+    """A new algorithm is a class plus one registry entry: one that declares no task-batched form gets
+    task batching refused up front (not at its first meta-step), and its other declarations are honoured."""
     from metasft.algorithms import ALGORITHMS, MetaAlgorithm
     from metasft.config import task_batching_conflict
 
     class Plain(MetaAlgorithm):
         name = "plain"
         min_inner_steps = 2
+        batches_tasks = False
 
     monkeypatch.setitem(ALGORITHMS, "plain", Plain)
     cfg = Config.from_dict({"meta": {"algorithm": "plain", "num_inner_steps": 2}})

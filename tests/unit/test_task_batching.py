@@ -120,6 +120,8 @@ def test_a_lone_task_runs_the_sequential_engine(tiny_llama_dir, episodes, monkey
     """A meta-batch of one task gets nothing from batching, so it must not pay for vmap."""
     model = load_double(tiny_llama_dir)
     algorithm = build_algorithm(MetaConfig(algorithm="fomaml"))
-    monkeypatch.setattr(type(algorithm), "run_batch", lambda *a, **k: pytest.fail("batched a single task"))
+    import metasft.algorithms.inner_loop as inner_loop
+
+    monkeypatch.setattr(inner_loop, "vmap", lambda *a, **k: pytest.fail("vmapped a single task"))
     engine = InnerLoop(model, trainable_named_parameters(model), INNER_LR, K)
     accumulate_meta_gradient(engine, algorithm, episodes[:1], 1.0, want_pre=False, tasks_per_pass=4)

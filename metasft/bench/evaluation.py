@@ -1,0 +1,108 @@
+"""Adapting each method to each held-out task with the shared protocol, and scoring it."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from metasft.errors import ConfigError
+from metasft.bench.schema import BenchConfig, HIGHER_IS_BETTER, METRICS
+
+
+def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device, on_done=lambda: None,
+                    validation_tasks=(), adaptations: list[str] | None = None
+                    ) -> tuple[list[dict], dict[int, float], list[dict]]:
+    """Adapt ``checkpoint`` to every (task, n_shots, seed) with the shared protocol and score it.
+
+    With ``adapt.lr_grid`` the learning rate for each n_shots is first chosen on ``validation_tasks``
+    (best mean ``cfg.metric``, ties to the lower query loss). Returns the held-out rows, the learning
+    rate used per n_shots, and the validation rows behind the choice."""
+    import torch
+
+    from metasft.adapt import adapt_rows, load_learned_rates, select_shots
+    from metasft.algorithms import InnerLoop
+    from metasft.checkpoint import load_pretrained
+    from metasft.data.in_context import render_in_context
+    from metasft.evaluate import evaluate_rows
+    from metasft.model import trainable_named_parameters
+    from metasft.scope import parse_scope
+
+    model, tokenizer, _ = load_pretrained(checkpoint, key=f"method {name}:")
+    model.to(device)
+    model.train()
+    engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps,
+                       inner_scope=parse_scope(cfg.adapt.inner_scope))
+    # A checkpoint with learned inner rates adapts with them (SGD), the adaptation it was trained for;
+    # there is then no learning rate to choose.
+    learned = cfg.adapt.optimizer == "sgd" and load_learned_rates(engine, checkpoint)
+    engine.snapshot()
+
+    def shot_indices(task, n_shots: int, seed: int) -> list[int]:
+        """The seeded draw every method and both adaptations use."""
+        if n_shots > len(task.support):
+            raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
+        return select_shots(len(task.support), n_shots, seed, task.name)
+
+    def score(task, n_shots: int, seed: int, lr: float) -> dict:
+        query_rows = task.query[: cfg.eval.max_query_rows] if cfg.eval.max_query_rows else task.query
+        torch.manual_seed(seed)
+        shots = [task.support[i] for i in shot_indices(task, n_shots, seed)]
+        started = time.perf_counter()
+        adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, n_shots),
+                   lr=cfg.adapt.lr if lr is None else lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
+                   optimizer=cfg.adapt.optimizer)
+        adapt_seconds = time.perf_counter() - started
+        scores = evaluate_rows(model, tokenizer, query_rows, task.query_examples[: len(query_rows)],
+                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                               with_generation=cfg.eval.generation, device=device)
+        engine.restore()
+        on_done()
+        return {"method": name, "adaptation": "gradient", "task": task.name, "n_shots": n_shots, "seed": seed,
+                **{m: scores.get(m) for m in METRICS}, "adapt_lr": None if learned else lr, "shots_used": float(n_shots),
+                "shots_used_min": n_shots, "adapt_seconds": adapt_seconds}
+
+    def score_in_context(task, n_shots: int, seed: int) -> dict:
+        """The same seeded shots rendered before each query row (data.max_length permitting)."""
+        count = min(len(task.query), cfg.eval.max_query_rows or len(task.query))
+        shots = [task.support_examples[i] for i in shot_indices(task, n_shots, seed)]
+        rendered = [render_in_context(shots, example, tokenizer, max_length=cfg.data.max_length,
+                                      truncation=cfg.data.truncation, chat_template=cfg.data.chat_template)
+                    for example in task.query_examples[:count]]
+        used = [n for _, n in rendered]
+        scores = evaluate_rows(model, tokenizer, [row for row, _ in rendered], task.query_examples[:count],
+                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                               with_generation=cfg.eval.generation, device=device)
+        on_done()
+        return {"method": name, "adaptation": "in_context", "task": task.name, "n_shots": n_shots, "seed": seed,
+                **{m: scores.get(m) for m in METRICS}, "adapt_lr": None, "shots_used": sum(used) / len(used),
+                "shots_used_min": min(used), "adapt_seconds": 0.0}
+
+    chosen = {n_shots: cfg.adapt.lr for n_shots in cfg.n_shots}
+    validation_rows = []
+    rows = []
+    adaptations = adaptations or cfg.adaptations
+    if "in_context" in adaptations:
+        rows += [score_in_context(task, n_shots, seed) for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
+    if "gradient" not in adaptations:
+        return rows, {}, validation_rows
+    if learned:
+        chosen = {n_shots: None for n_shots in cfg.n_shots}
+    elif cfg.adapt.lr_grid:
+        for n_shots in cfg.n_shots:
+            ranking = []
+            for lr in cfg.adapt.lr_grid:
+                trial = [score(task, n_shots, seed, lr) for task in validation_tasks for seed in cfg.seeds]
+                validation_rows += trial
+                ranking.append((_mean(trial, cfg.metric), _mean(trial, "query_loss"), lr))
+            sign = 1 if HIGHER_IS_BETTER[cfg.metric] else -1
+            # A metric that was not computed (generation off) leaves the query loss to decide.
+            chosen[n_shots] = max(ranking, key=lambda r: (0.0 if math.isnan(r[0]) else sign * r[0], -r[1]))[2]
+    rows += [score(task, n_shots, seed, chosen[n_shots])
+             for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
+    return rows, chosen, validation_rows
+
+
+def _mean(rows: list[dict], metric: str) -> float:
+    values = [r[metric] for r in rows if r[metric] is not None]
+    return sum(values) / len(values) if values else math.nan
