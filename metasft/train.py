@@ -66,22 +66,24 @@ def learning_rate(cfg: Config, step: int) -> float:
     return base * (1 - (1 - floor) * progress)
 
 
-# `auto` batches full weights only up to this many meta-parameters. Measured on a 2-core CPU: batched
+# `auto` batches tasks only for models up to this many parameters. Measured on a 2-core CPU: batched
 # full-weight FOMAML was 1.4–1.8× faster on 0.14M- and 1.1M-parameter models, and 0.74× (slower) on
 # SmolLM2-135M, where every task's copy of the weights streams through memory at each inner step.
-# LoRA stacks only adapters and was faster on SmolLM2 too (1.1×). Nothing is measured in between or
-# on a GPU, so the limit is a conservative guess between the two (docs/benchmarks.md).
-AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS = 10_000_000
+# META-LoRA on SmolLM2 (4 tasks × 10 rows × 70 tokens, K = 2) ran 0.98–1.13× as fast batched, but its
+# peak RSS grew with the tasks in a pass — 3.3, 6.3 and 11.4 GB at 1, 2 and 4 — because a batched
+# pass holds every task's activations at once (2.7 GB a task there). Nothing is measured in between
+# or on a GPU, so the limit is a conservative guess between the two sizes (docs/benchmarks.md).
+AUTO_BATCHING_MAX_MODEL_PARAMS = 10_000_000
 
 
-def resolve_tasks_per_pass(cfg: Config, num_meta_params: int | None = None) -> tuple[int, str]:
+def resolve_tasks_per_pass(cfg: Config, num_model_params: int | None = None) -> tuple[int, str]:
     """How many tasks adapt together in one pass (1 = the sequential engine), and why.
 
     ``meta.task_batching: auto`` batches where it is supported (see
-    :func:`~metasft.config.task_batching_conflict`) and was measured faster: always under LoRA, and
-    for full weights up to ``AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS`` meta-parameters. A lone task
-    always runs sequentially, so a meta-batch of one gets no slower. ``true`` batches regardless
-    (a conflict was already refused by config validation)."""
+    :func:`~metasft.config.task_batching_conflict`) and was measured faster at no large cost in
+    memory: models of up to ``AUTO_BATCHING_MAX_MODEL_PARAMS`` parameters, full weights or LoRA. A
+    lone task always runs sequentially, so a meta-batch of one gets no slower. ``true`` batches
+    regardless (a conflict was already refused by config validation)."""
     from metasft.config import task_batching_conflict
 
     if cfg.meta.task_batching is False:
@@ -89,10 +91,11 @@ def resolve_tasks_per_pass(cfg: Config, num_meta_params: int | None = None) -> t
     conflict = task_batching_conflict(cfg)
     if conflict:
         return 1, conflict
-    if (cfg.meta.task_batching == "auto" and cfg.model.lora_rank == 0 and num_meta_params is not None
-            and num_meta_params > AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS):
-        return 1, (f"auto: full-weight batching of {num_meta_params:,} parameters was measured slower than "
-                   "sequential on a 135M model; set meta.task_batching=true to batch anyway")
+    if (cfg.meta.task_batching == "auto" and num_model_params is not None
+            and num_model_params > AUTO_BATCHING_MAX_MODEL_PARAMS):
+        return 1, (f"auto: batching tasks on a {num_model_params:,}-parameter model was measured slower or no faster "
+                   "than sequential on a 135M model, with peak memory growing by every task's activations; "
+                   "set meta.task_batching=true to batch anyway")
     per_pass = cfg.meta.tasks_per_pass or cfg.meta.meta_batch_size
     return per_pass, "" if per_pass > 1 else "one task per pass"
 
@@ -230,7 +233,7 @@ class Trainer:
             self.engine.before_param_write = lambda: reshard_all(self.model)
         self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params], self.engine.rates)
         self.tasks_per_pass, self.batching_off_reason = resolve_tasks_per_pass(
-            cfg, num_meta_params=sum(p.numel() for _, p in self.named_params))
+            cfg, num_model_params=count_parameters(self.model)[0])
         self.step = 0
         self._signal = 0
         self.nonfinite_total = 0

@@ -131,7 +131,7 @@ def test_auto_task_batching_resolution(overrides, expected):
     from metasft.train import resolve_tasks_per_pass
 
     per_pass, reason = resolve_tasks_per_pass(load_config(overrides=["meta.meta_batch_size=4", *overrides]),
-                                              num_meta_params=1_000_000)
+                                              num_model_params=1_000_000)
     assert per_pass == expected
     assert bool(reason) == (expected == 1)
 
@@ -146,15 +146,18 @@ def test_task_batching_values_are_checked():
 @pytest.mark.parametrize("overrides,expected", [
     ([], 1),                                   # auto, full weights of a large model: measured slower
     (["meta.task_batching=true"], 4),          # forced
-    (["model.lora_rank=8"], 4),                # LoRA stacks only adapters: batched at any size
+    (["model.lora_rank=8"], 1),                # LoRA: no faster, 3.5x the memory on SmolLM2
+    (["model.lora_rank=8", "meta.task_batching=true"], 4),
 ])
-def test_auto_does_not_batch_the_full_weights_of_a_large_model(overrides, expected):
-    from metasft.train import AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS, resolve_tasks_per_pass
+def test_auto_does_not_batch_tasks_on_a_large_model(overrides, expected):
+    from metasft.train import AUTO_BATCHING_MAX_MODEL_PARAMS, resolve_tasks_per_pass
 
     cfg = load_config(overrides=["meta.meta_batch_size=4", *overrides])
-    per_pass, reason = resolve_tasks_per_pass(cfg, num_meta_params=AUTO_FULL_WEIGHT_BATCHING_MAX_PARAMS + 1)
+    per_pass, reason = resolve_tasks_per_pass(cfg, num_model_params=AUTO_BATCHING_MAX_MODEL_PARAMS + 1)
     assert per_pass == expected
     assert (expected == 1) == ("measured slower" in reason)
+    small, _ = resolve_tasks_per_pass(cfg, num_model_params=AUTO_BATCHING_MAX_MODEL_PARAMS)
+    assert small == 4
 
 
 def test_validation_reads_what_an_algorithm_declares(monkeypatch):
