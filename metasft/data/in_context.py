@@ -57,24 +57,33 @@ def render_in_context(demos: Sequence[Example], example: Example, tokenizer, *, 
         encoded = encode_examples(demos, tokenizer, 10**9, "error", chat_template) if demos else []
         return _join_raw(encoded, alone, max_length, loss_on_demos)
 
-    # Chat: render with every demonstration, then drop the farthest ones until the row fits (the
-    # first try drops as many as a per-token estimate says, so long prompts take few renders).
+    # Chat: keep the largest number of nearest demonstrations that fit. A row's length only grows with
+    # each demonstration added, so the fewest to drop is found by bisection (log2(n) renders), exact
+    # even when demonstrations differ widely in length.
     if not demos:
         return alone, 0
-    first = 0
-    while first <= len(demos):
-        kept = demos[first:]
-        ids, mask = _chat(kept, example, tokenizer, loss_on_demos) if kept else (alone.input_ids, alone.target_mask)
-        if len(ids) <= max(max_length, len(alone)):
-            if not kept:
-                return alone, 0
-            mask = list(mask)
-            mask[0] = 0
-            return Encoded(input_ids=list(ids), target_mask=mask, source=example.source), len(kept)
-        excess = len(ids) - max_length
-        per_demo = max(1, (len(ids) - len(alone)) // max(1, len(kept)))
-        first += max(1, excess // per_demo)
-    return alone, 0
+    limit = max(max_length, len(alone))
+
+    def render(first: int):
+        return _chat(demos[first:], example, tokenizer, loss_on_demos)
+
+    first, rendered = 0, render(0)
+    if len(rendered[0]) > limit:
+        low, high = 0, len(demos)  # dropping `low` does not fit; dropping all (`high`) does
+        while high - low > 1:
+            middle = (low + high) // 2
+            candidate = render(middle)
+            if len(candidate[0]) <= limit:
+                high, rendered = middle, candidate
+            else:
+                low = middle
+        if high == len(demos):
+            return alone, 0
+        first = high
+    ids, mask = rendered
+    mask = list(mask)
+    mask[0] = 0
+    return Encoded(input_ids=list(ids), target_mask=mask, source=example.source), len(demos) - first
 
 
 def _join_raw(demos: Sequence[Encoded], alone: Encoded, max_length: int, loss_on_demos: bool) -> tuple[Encoded, int]:

@@ -66,3 +66,26 @@ def test_multi_turn_demonstrations_bring_all_their_turns(tokenizer):
     text = tokenizer.decode(row.input_ids)
     assert used == 1 and text.count("<|im_start|>user") == 3 and text.endswith("assistant\n 2 1<|im_end|>\n")
     assert targets(tokenizer, row) == " 2 1<|im_end|>"
+
+
+@pytest.mark.parametrize("chat_template", ["none", "auto"])
+def test_uneven_demonstrations_keep_the_most_nearest_ones_that_fit(tokenizer, chat_template):
+    """One long demonstration far away and three short ones near the query: every short one fits, the
+    long one does not. A per-demonstration length estimate (the mean, inflated by the long one) dropped
+    the short ones with it; the row must keep the largest number of nearest demonstrations that fit,
+    found here by trying every count."""
+    long = Example(prompt="map: " + " ".join(["1 2 3 4 5"] * 40), response=" 3 4")
+    demos = [long] + DEMOS
+    counts = {}
+    for k in range(len(demos) + 1):
+        row, used = render_in_context(demos[len(demos) - k:], QUERY, tokenizer, max_length=10**6,
+                                      chat_template=chat_template)
+        assert used == k
+        counts[k] = len(row.input_ids)
+    assert counts[4] > 3 * counts[3]  # the far demonstration really is long
+    for limit in (counts[3], counts[3] + 5, counts[2], counts[1] + 1):
+        expected = max(k for k, n in counts.items() if n <= limit)
+        row, used = render_in_context(demos, QUERY, tokenizer, max_length=limit, chat_template=chat_template)
+        assert used == expected, (limit, used, expected)
+        assert len(row.input_ids) == counts[expected] and targets(tokenizer, row).endswith(" 2 1" + (
+            "<|im_end|>" if chat_template == "auto" else tokenizer.eos_token))
