@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install wordnet clean
+.PHONY: demo test test-fast install wordnet clean
 
 # WordNet 3.0 for `metasft suites build wordnet` and its tests: Debian's wordnet-base (root or sudo).
 WORDNET_DIR ?= /usr/share/wordnet
@@ -32,6 +32,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed wordnet
 	$(PY) -m pytest -q --durations=15
+
+# The edit-test loop: unit tests and in-process float64 references, no subprocesses or real model.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q tests/unit -m "not slow" --durations=5
 
 clean:
 	rm -rf $(VENV) metasft-demo

@@ -99,3 +99,18 @@ def write_tasks(root, n_tasks: int, n_support: int, n_query: int, held_out: int 
     as one YAML flow list (the last ``held_out`` tasks are held out)."""
     rows = [cipher_rows(1000 + t, n_support + n_query) for t in range(n_tasks)]
     return write_task_files(root, [(r[:n_support], r[n_support:]) for r in rows], held_out)
+
+
+# ----------------------------------------------------------------------------- no process left behind
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite():
+    """After the last test, no process started under this pytest process may still be alive
+    (tests/procs.py kills whole trees on every failure path; this is the check that it did)."""
+    yield
+    import procs
+
+    left = procs.descendants(os.getpid())
+    for pid in left:
+        procs.kill_tree(pid)
+    assert not left, f"processes left behind by the test suite (now killed): {left}"

@@ -23,7 +23,22 @@ def gloo_threads() -> list[str]:
     return sorted(name for name in names if "gloo" in name)
 
 
+def control() -> int:
+    """Positive control (``exit_probe.py --control``): a live gloo group must be seen, so a change in
+    gloo's thread names cannot make the probe pass silently. Exit 0 when it sees the threads."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    dist.all_reduce(__import__("torch").zeros(1))
+    seen = gloo_threads()
+    dist.destroy_process_group()
+    print(f"gloo threads while a group lives: {seen}")
+    return 0 if seen else 4
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--control"]:
+        sys.exit(control())
     code = main(sys.argv[1:])
     alive = gloo_threads()
     if alive:

@@ -4,7 +4,6 @@ give the single-process update and both exit 0; a rank that dies at a chosen met
 point, not a timed kill) ends the whole launch promptly with a non-zero exit that names it."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from metasft.checkpoint import latest_checkpoint
 from metasft.cli import main
 
+import procs
 from conftest import write_tasks
 
 pytestmark = pytest.mark.slow
@@ -25,10 +25,6 @@ EXACT = ["meta.algorithm=fomaml", "optim.name=sgd", "meta.outer_lr=1", "optim.cl
          "data.chat_template=none", "optim.lr_scheduler=constant", "trainer.logger=[jsonl]", "trainer.device=cpu"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def relative_update_error(initial, a, b):
@@ -47,32 +43,49 @@ def test_no_gloo_thread_outlives_a_finished_run(tmp_path, tiny_llama_dir, extra)
            str(probe), "train", f"model.partial_pretrain={tiny_llama_dir}", *EXACT[1:], *tasks, *extra,
            "trainer.total_training_steps=2", f"trainer.default_local_dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "METASFT_DIST_TIMEOUT": "120"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = procs.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "step_2").is_dir()
+
+
+def test_the_exit_probe_sees_a_live_gloo_group():
+    """Positive control: with a group alive, the probe finds gloo's threads by name (else every
+    'no thread outlives the run' above would pass for the wrong reason)."""
+    probe = Path(__file__).with_name("exit_probe.py")
+    proc = procs.run([sys.executable, str(probe), "--control"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "gloo" in proc.stdout
 
 
 def test_two_nodes_by_c10d_rendezvous_equal_one_process(tmp_path, tiny_llama_dir):
     tasks = write_tasks(tmp_path / "tasks", 4, 5, 4)
     args = [f"model.partial_pretrain={tiny_llama_dir}", *EXACT, *tasks]
     assert main(["train", *args, f"trainer.default_local_dir={tmp_path / 'one'}"]) == 0
-    endpoint = f"127.0.0.1:{free_port()}"
+    # The rendezvous store is bound here, on a port the OS chose, and held for the whole launch: both
+    # agents join it as clients (is_host=false), so no port is guessed and none can be taken meanwhile.
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300))
+    endpoint = f"127.0.0.1:{store.port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "METASFT_DIST_TIMEOUT": "120"}
     agents = []
-    for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=metasft-two-nodes",
-               f"--node_rank={node_rank}", "--max_restarts=0", "-m", "metasft", "train", *args,
-               f"trainer.default_local_dir={tmp_path / 'two'}"]
-        # Each agent's output goes to a file, read once it has exited (a live pipe can block).
-        log = open(tmp_path / f"node{node_rank}.log", "w")
-        agents.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    codes = []
-    for proc, log in agents:
-        try:
-            codes.append(proc.wait(timeout=300))
-        finally:
+    try:
+        for node_rank in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=metasft-two-nodes",
+                   "--rdzv_conf=is_host=false", f"--node_rank={node_rank}", "--max_restarts=0", "-m", "metasft",
+                   "train", *args, f"trainer.default_local_dir={tmp_path / 'two'}"]
+            # Each agent's output goes to a file, read once it has exited (a live pipe can block).
+            log = open(tmp_path / f"node{node_rank}.log", "w")
+            agents.append((procs.Started(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        codes = [proc.wait(timeout=300) for proc, _ in agents]
+    finally:
+        for proc, log in agents:
+            proc.kill()
             log.close()
+        del store
     logs = [(tmp_path / f"node{i}.log").read_text()[-2000:] for i in (0, 1)]
     assert codes == [0, 0], logs
     assert "world size 2" in "".join(logs)
@@ -94,7 +107,7 @@ def test_a_rank_dying_mid_run_ends_the_launch(tmp_path, tiny_llama_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "METASFT_DIST_TIMEOUT": "120",
            "METASFT_FAULT": "meta_step.end@2", "METASFT_FAULT_RANK": "1"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        proc = procs.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail("the launch hung after one rank died")
     assert proc.returncode != 0

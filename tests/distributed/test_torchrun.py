@@ -7,7 +7,6 @@ launches end — clean exits, a dying rank, two nodes — is tests/distributed/t
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 
 from metasft.cli import main
 
+import procs
 from conftest import write_tasks
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def torchrun(args, timeout=240, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
            "-m", "metasft", "train", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "METASFT_DIST_TIMEOUT": "60"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **popen)
+    return procs.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **popen)
 
 
 def weights(step_dir):

@@ -2,7 +2,6 @@
 one-line exit-2 errors of SPEC §9."""
 
 import json
-import subprocess
 import sys
 
 import pyarrow as pa
@@ -10,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from metasft.cli import main
+
+import procs
 
 
 def write_parquet(path, rows):
@@ -19,7 +20,7 @@ def write_parquet(path, rows):
 
 def run_cli(*args):
     """Run the real program in a subprocess (as a user would) and return (code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "metasft", *map(str, args)], capture_output=True, text=True, timeout=120)
+    proc = procs.run([sys.executable, "-m", "metasft", *map(str, args)], capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
 
 

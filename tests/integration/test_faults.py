@@ -18,6 +18,7 @@ from metasft.checkpoint import latest_checkpoint
 from metasft.cli import main
 from metasft.faults import POINTS
 
+import procs
 from conftest import write_tasks
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def run_with_fault(args, fault=None, signal_name="SIGKILL", timeout=300):
     env.pop("METASFT_FAULT", None)
     if fault:
         env["METASFT_FAULT"] = fault
-    proc = subprocess.run([sys.executable, "-m", "metasft", "train", *args], stdout=subprocess.DEVNULL,
+    proc = procs.run([sys.executable, "-m", "metasft", "train", *args], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
     return proc.returncode, proc.stderr
 

@@ -10,7 +10,10 @@ losses of steps 3 and 4 must be identical (``torch.equal``, ``==``), not merely 
 """
 
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from safetensors.torch import load_file
 
 from metasft.cli import main
 
+import procs
 from conftest import write_tasks
 
 LORA = ["model.lora_rank=4", "model.lora_alpha=8"]
@@ -36,17 +40,18 @@ IDS = [f"{a}-{'lora' if lora else 'full'}{('-' + extra[0].split('.')[-1].split('
 
 
 def train(model_dir, run_dir, args, stop_after=None, monkeypatch=None):
-    """``metasft train`` in-process; with ``stop_after``, the ``meta_step.end`` fault point sends
-    this process SIGTERM once the loop has finished that meta-step (the handler the loop installs
-    turns it into a clean stop)."""
-    if stop_after is not None:
-        monkeypatch.setenv("METASFT_FAULT", f"meta_step.end@{stop_after}")
-        monkeypatch.setenv("METASFT_FAULT_SIGNAL", "SIGTERM")
-    try:
-        return main(["train", f"model.partial_pretrain={model_dir}", f"trainer.default_local_dir={run_dir}", *args])
-    finally:
-        if stop_after is not None:
-            monkeypatch.delenv("METASFT_FAULT")
+    """``metasft train``; with ``stop_after``, in a child process whose ``meta_step.end`` fault point
+    sends it SIGTERM once the loop has finished that meta-step (the handler the loop installs turns
+    it into a clean stop). The child runs this process's thread count, so its arithmetic is this
+    process's; SIGTERM never reaches pytest itself."""
+    argv = ["train", f"model.partial_pretrain={model_dir}", f"trainer.default_local_dir={run_dir}", *args]
+    if stop_after is None:
+        return main(argv)
+    env = {**os.environ, "METASFT_FAULT": f"meta_step.end@{stop_after}", "METASFT_FAULT_SIGNAL": "SIGTERM",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = procs.run([sys.executable, "-m", "metasft", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                     text=True, env=env, timeout=600)
+    return proc.returncode
 
 
 def losses(run_dir):
