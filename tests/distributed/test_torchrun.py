@@ -70,11 +70,16 @@ CASES = [(strategy, algorithm, extra)
          for algorithm in algorithms for extra in ([], LORA)]
 CASES += [("task-parallel", "metaicl", ["meta.metaicl_demos=2"]),
           ("task-parallel", "maml", ["meta.learn_inner_lr=per_tensor", "meta.inner_lr_lr=0.5"]),
-          ("task-parallel", "fomaml", ["meta.learn_inner_lr=per_tensor_per_step", "meta.inner_lr_lr=0.5"])]
+          ("task-parallel", "fomaml", ["meta.learn_inner_lr=per_tensor_per_step", "meta.inner_lr_lr=0.5"]),
+          # Inner scopes and the prefix cache (issue 23): ANIL with learned rates on the head, and the
+          # top layer alone with its frozen prefix cached per row on each rank.
+          ("task-parallel", "maml", ["meta.inner_scope=head", "meta.learn_inner_lr=per_tensor", "meta.inner_lr_lr=0.5"]),
+          ("task-parallel", "fomaml", ["model.train_top_layers=1", "meta.inner_scope=top_layers:1"])]
 
 
 @pytest.mark.parametrize("strategy,algorithm,extra", CASES,
                          ids=[f"{s}-{a}-{'lora' if e == LORA else 'full'}{'-' + e[0].split('=')[-1] if e and e != LORA else ''}"
+                              + ("-scoped" if any("scope" in x or "top_layers" in x for x in e) else "")
                               for s, a, e in CASES])
 def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extra):
     """The *update* (final − initial weights) on 2 ranks equals the 1-rank update, relative error
@@ -100,6 +105,10 @@ def test_two_ranks_equal_one(tmp_path, tiny_llama_dir, strategy, algorithm, extr
     if extra != LORA:
         initial = load_file(tiny_llama_dir / "model.safetensors")
         groups = {"all": list(single)}
+        if "model.train_top_layers=1" in extra:  # frozen below the top layer: only the top moved
+            moved = {k for k in single if not torch.equal(single[k], initial[k])}
+            assert moved and all(k.startswith(("model.layers.1.", "model.norm", "lm_head")) for k in moved), moved
+            groups = {"top": sorted(moved)}
     else:
         initial = initial_lora_adapter(args, tmp_path / "init")
         assert initial.keys() == single.keys()

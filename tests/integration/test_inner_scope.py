@@ -175,3 +175,16 @@ def test_tied_head_scopes_are_refused_in_one_line(tmp_path, tiny_llama_tied_dir,
                      f"trainer.default_local_dir={tmp_path / 'run'}", *EXACT, *overrides, *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and key in err[0] and "tie" in err[0], err
+
+
+def test_learned_rates_cover_exactly_the_inner_scope(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    run_train(tiny_llama_dir, tmp_path / "run", EXACT + overrides + [
+        "meta.inner_scope=top_layers:1", "meta.learn_inner_lr=per_tensor", "meta.inner_lr_lr=0.1"], "fomaml")
+    rates = load_file(tmp_path / "run" / "step_1" / "inner_lrs.safetensors")
+    assert rates and all(in_scope(n, "top_layers:1") for n in rates)
+    model = load_file(tmp_path / "run" / "step_1" / "model.safetensors")
+    assert set(rates) == {n for n in model if in_scope(n, "top_layers:1")}
+    assert any(float(v) != INNER_LR for v in rates.values())  # they were learnt
