@@ -147,6 +147,10 @@ class TrainerConfig:
     prefix_cache: bool = _f(True, "When the layers below the meta-parameters are frozen (model.train_top_layers), "
                                   "keep their hidden states per row in memory for the run instead of recomputing "
                                   "them every meta-step.")
+    prefix_cache_dir: Optional[str] = _f(None, "Keep trainer.prefix_cache's rows on disk in this folder instead of in "
+                                               "memory (a subfolder per frozen model, so runs of the same model can "
+                                               "share it). null: in memory, unless the rows are estimated to need more "
+                                               "than half the available memory; then <default_local_dir>/prefix_cache.")
     log_freq: int = _f(1, "Log metrics every N meta-steps; the pre-adaptation query loss (one extra forward per task) is computed only on these steps.")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive meta-steps with a non-finite loss or gradient.")
 

@@ -18,8 +18,11 @@ row for the whole run (:class:`PrefixCache`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -214,13 +217,32 @@ class PrefixCache:
     frozen). Rows are keyed by their tokens: the same row in any batch, any task, any meta-step is
     looked up, not recomputed. Under causal attention a right-padded row's hidden states at its real
     positions do not depend on the other rows of its batch, so rows cached from one batch are exact
-    for any other (to float rounding)."""
+    for any other (to float rounding).
 
-    def __init__(self, window: LayerWindow, cut: int):
+    In memory by default. With ``directory`` each row is a file under a subfolder named by a
+    fingerprint of the frozen layers (their shapes and weight sums, and ``cut``), so runs of the same
+    frozen model can share one folder and a different model can never read another's states."""
+
+    def __init__(self, window: LayerWindow, cut: int, directory: str | os.PathLike | None = None):
         self.window, self.cut = window, cut
         self.rows: dict[bytes, torch.Tensor] = {}
-        self.bytes = 0
+        self.bytes = 0          # size of the distinct rows this run has used
         self.hits = self.misses = 0
+        self.directory = None
+        self._seen: set[bytes] = set()
+        if directory is not None:
+            self.directory = Path(directory) / self.fingerprint()
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        parts = self.window.parts
+        digest = hashlib.sha256(f"cut={self.cut}".encode())
+        modules = [parts.decoder.get_input_embeddings(), *parts.layers[:self.cut]]
+        for module in modules:
+            for name, param in module.named_parameters():
+                digest.update(f"{name}{tuple(param.shape)}{param.dtype}{float(param.double().sum())!r}".encode())
+        return digest.hexdigest()[:20]
 
     @staticmethod
     def _keys(batch: Batch) -> list[tuple[bytes, int]]:
@@ -228,25 +250,48 @@ class PrefixCache:
         ids = batch["input_ids"].cpu()
         return [(ids[r, :n].numpy().tobytes(), n) for r, n in enumerate(lengths)]
 
+    def _file(self, key: bytes) -> Path:
+        return self.directory / f"{hashlib.sha1(key).hexdigest()}.pt"
+
+    def _get(self, key: bytes) -> torch.Tensor | None:
+        if self.directory is None:
+            return self.rows.get(key)
+        path = self._file(key)
+        if not path.is_file():
+            return None
+        return torch.load(path, weights_only=True, map_location=self.window.parts.head.weight.device)
+
+    def _put(self, key: bytes, states: torch.Tensor) -> None:
+        if self.directory is None:
+            self.rows[key] = states
+            return
+        path = self._file(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(states.cpu(), tmp)
+        os.replace(tmp, path)  # atomic: a run sharing the folder reads a whole file or none
+
     @torch.no_grad()
     def lookup(self, batch: Batch) -> torch.Tensor:
         """``[rows, length, hidden]``: each row's cached states, zero past its end."""
         if "attention_mask" not in batch:
             raise ValueError("PrefixCache needs collated rows with an attention mask")
         keys = self._keys(batch)
-        missing = [r for r, (key, _) in enumerate(keys) if key not in self.rows]
+        found = [self._get(key) for key, _ in keys]
+        missing = [r for r, states in enumerate(found) if states is None]
         if missing:
             sub = {k: v[missing] for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
             states = self.window.hidden(sub, 0, self.cut)
             for j, r in enumerate(missing):
                 key, n = keys[r]
-                if key not in self.rows:
-                    self.rows[key] = states[j, :n].detach().clone()
-                    self.bytes += self.rows[key].numel() * self.rows[key].element_size()
+                found[r] = states[j, :n].detach().clone()
+                self._put(key, found[r])
+        for (key, _), states in zip(keys, found):
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += states.numel() * states.element_size()
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        first = self.rows[keys[0][0]]
-        out = first.new_zeros((len(keys), batch["input_ids"].shape[1], first.shape[-1]))
-        for r, (key, n) in enumerate(keys):
-            out[r, :n] = self.rows[key]
+        out = found[0].new_zeros((len(keys), batch["input_ids"].shape[1], found[0].shape[-1]))
+        for r, ((_, n), states) in enumerate(zip(keys, found)):
+            out[r, :n] = states
         return out

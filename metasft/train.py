@@ -226,7 +226,8 @@ class Trainer:
                                 autocast_dtype=(torch.bfloat16 if cfg.trainer.precision == "bf16" and not self.fsdp
                                                 else None),  # under FSDP its mixed-precision policy casts
                                 grad_via_backward=self.fsdp, learn_inner_lr=cfg.meta.learn_inner_lr,
-                                inner_scope=parse_scope(cfg.meta.inner_scope), prefix_cache=cfg.trainer.prefix_cache)
+                                inner_scope=parse_scope(cfg.meta.inner_scope), prefix_cache=cfg.trainer.prefix_cache,
+                                prefix_cache_dir=self._prefix_cache_dir())
         if self.fsdp:
             from metasft.fsdp import reshard_all
 
@@ -240,6 +241,25 @@ class Trainer:
         self.nonfinite_streak = 0
         self.train_seconds = 0.0  # wall time spent in meta-steps, summed over resumes (for curves)
         self._resume()
+
+    def _prefix_cache_dir(self) -> str | None:
+        """Where the frozen prefix's rows live: ``trainer.prefix_cache_dir``, else memory when every
+        row's states are estimated to fit in half the available memory, else beside the run."""
+        t = self.cfg.trainer
+        if not t.prefix_cache or self.cfg.model.train_top_layers is None:
+            return None
+        if t.prefix_cache_dir:
+            return t.prefix_cache_dir
+        rows = [r for task in self.train_tasks + self.eval_tasks for r in task.support + task.query]
+        needed = sum(len(r) for r in rows) * self.model.config.hidden_size * 4  # fp32 states
+        available = _available_memory()
+        if available is None or needed <= available / 2:
+            return None
+        where = self.run_dir / "prefix_cache"
+        if self.env.is_main:
+            print(f"metasft: the frozen prefix of {len(rows):,} rows needs about {needed / 2**30:.1f} GiB, more than half "
+                  f"of the {available / 2**30:.1f} GiB available: caching it on disk in {where}", flush=True)
+        return str(where)
 
     # ------------------------------------------------------------------ resume / save
     def _resume(self) -> None:
@@ -404,6 +424,18 @@ class Trainer:
         return last_saved or latest_checkpoint(self.run_dir)
 
 
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived; the run stopped after a meta-step and saved a checkpoint."""
 
@@ -533,7 +565,9 @@ def _train(cfg: Config, env: distributed.DistEnv) -> Path | None:
             inner = sum(p.numel() for p in engine.inner_params)
             print(f"metasft: inner scope {cfg.meta.inner_scope}: {inner:,} parameters adapted in the inner loop", flush=True)
         if engine.window is not None:
-            cached = f"; layers below {engine.prefix_cache.cut} cached per row for the run" if engine.prefix_cache else ""
+            cache = engine.prefix_cache
+            cached = "" if cache is None else (f"; layers below {cache.cut} cached per row for the run"
+                                               + (f" on disk in {cache.directory}" if cache.directory else " in memory"))
             print(f"metasft: layers below {engine.split_at} of {engine.window.parts.num_layers} run once per batch{cached}",
                   flush=True)
         if trainer.tasks_per_pass > 1:

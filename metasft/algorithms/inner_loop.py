@@ -129,7 +129,8 @@ class InnerLoop:
     def __init__(self, model: torch.nn.Module, named_params: list[tuple[str, torch.nn.Parameter]],
                  inner_lr: float, num_inner_steps: int, autocast_dtype: torch.dtype | None = None,
                  force_math_attention: bool = True, grad_via_backward: bool = False,
-                 learn_inner_lr: str = "none", inner_scope: Scope = ALL, prefix_cache: bool = False):
+                 learn_inner_lr: str = "none", inner_scope: Scope = ALL, prefix_cache: bool = False,
+                 prefix_cache_dir: str | None = None):
         if not named_params:
             raise ValueError("InnerLoop needs at least one trainable parameter")
         self.model = model
@@ -141,7 +142,7 @@ class InnerLoop:
         self.inner_index = inner_indices(model, named_params, inner_scope)
         self.inner_names = [self.names[i] for i in self.inner_index]
         self.inner_params = [self.params[i] for i in self.inner_index]
-        self._configure_prefix(named_params, prefix_cache)
+        self._configure_prefix(named_params, prefix_cache, prefix_cache_dir)
         self.inner_lr = inner_lr
         self.num_inner_steps = num_inner_steps
         self.autocast_dtype = autocast_dtype
@@ -168,7 +169,7 @@ class InnerLoop:
             self.set_rates([torch.full(shape, float(inner_lr), device=self.device) for _ in self.inner_params])
 
     # ------------------------------------------------------------------ frozen layers computed once
-    def _configure_prefix(self, named_params, prefix_cache: bool) -> None:
+    def _configure_prefix(self, named_params, prefix_cache: bool, prefix_cache_dir: str | None = None) -> None:
         """``split_at``: the lowest decoder layer holding an inner-scope parameter. The layers below do
         not change during the inner loop, so each batch's hidden states entering ``split_at`` are
         computed once (:meth:`with_prefix`) and every inner step runs only the layers above.
@@ -189,7 +190,7 @@ class InnerLoop:
         if self.split_at == 0:
             return
         self.window = window
-        self.prefix_cache = PrefixCache(window, cut) if cut > 0 else None
+        self.prefix_cache = PrefixCache(window, cut, prefix_cache_dir) if cut > 0 else None
         self.prefix_trainable = cut < self.split_at  # meta-parameters below the split: keep their graph
 
     def with_prefix(self, batch: Batch, graph: bool = False) -> Batch:

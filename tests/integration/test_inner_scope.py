@@ -188,3 +188,41 @@ def test_learned_rates_cover_exactly_the_inner_scope(tmp_path, tiny_llama_dir):
     model = load_file(tmp_path / "run" / "step_1" / "model.safetensors")
     assert set(rates) == {n for n in model if in_scope(n, "top_layers:1")}
     assert any(float(v) != INNER_LR for v in rates.values())  # they were learnt
+
+
+def test_the_prefix_cache_on_disk_equals_memory_and_is_shared_by_fingerprint(tmp_path, tiny_llama_dir, tokenizer):
+    from safetensors.torch import load_file
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    args = EXACT + overrides + ["model.train_top_layers=1", "trainer.total_training_steps=2"]
+    run_train(tiny_llama_dir, tmp_path / "memory", args, "fomaml")
+    shared = tmp_path / "shared"
+    run_train(tiny_llama_dir, tmp_path / "disk", args + [f"trainer.prefix_cache_dir={shared}"], "fomaml")
+    (folder,) = list(shared.iterdir())  # one frozen model, one fingerprint
+    files = sorted(folder.glob("*.pt"))
+    assert len(files) == N_TASKS * (N_SUPPORT + N_QUERY)  # every row of every task, once
+    a, b = (load_file(tmp_path / r / "step_2" / "model.safetensors") for r in ("memory", "disk"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    # A second run of the same model reads the rows back and writes none.
+    run_train(tiny_llama_dir, tmp_path / "again", args + [f"trainer.prefix_cache_dir={shared}"], "fomaml")
+    assert {f: f.stat().st_mtime_ns for f in sorted(folder.glob("*.pt"))} == stamps
+    c = load_file(tmp_path / "again" / "step_2" / "model.safetensors")
+    assert all(torch.equal(a[n], c[n]) for n in a)
+    # Another frozen model (other weights below the cut) gets a folder of its own.
+    from metasft.tiny import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other_model", arch="llama", seed=1)
+    run_train(other, tmp_path / "other", args + [f"trainer.prefix_cache_dir={shared}"], "fomaml")
+    assert len(list(shared.iterdir())) == 2
+
+
+def test_rows_that_would_not_fit_in_memory_are_cached_on_disk_beside_the_run(tmp_path, tiny_llama_dir, monkeypatch,
+                                                                            capsys):
+    import metasft.train as train_module
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    monkeypatch.setattr(train_module, "_available_memory", lambda: 1024)  # 1 KiB "available"
+    run_train(tiny_llama_dir, tmp_path / "run", EXACT + overrides + ["model.train_top_layers=1"], "fomaml")
+    assert "caching it on disk in" in capsys.readouterr().out
+    assert len(list((tmp_path / "run" / "prefix_cache").glob("*/*.pt"))) == N_TASKS * (N_SUPPORT + N_QUERY)
