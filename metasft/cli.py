@@ -255,14 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("suites", help="build a ready-made few-shot task suite (cipher, wordnet, countries) in the prepared layout",
+    p = sub.add_parser("suites", help="build a ready-made few-shot task suite (cipher, wordnet, wordnet_cloze, countries) in the prepared layout",
                        description="Write a built-in task suite as `metasft prepare` would (manifest + support/query "
                                    "parquet per task, train/validation/test splits), deterministic for --seed.")
     msub = p.add_subparsers(dest="suites_command", required=True, metavar="ACTION", parser_class=_Parser)
     q = msub.add_parser("list", help="the suites `build` knows")
     _add_common(q)
     q = msub.add_parser("build", help="write a suite into --out")
-    q.add_argument("name", help="cipher or countries (see docs/data.md)")
+    q.add_argument("name", help="cipher, wordnet, wordnet_cloze or countries (see docs/data.md)")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (meta.tasks_dir)")
     q.add_argument("--seed", type=int, default=0, help="which rows, keys and field splits (default 0)")
     _add_common(q)

@@ -7,6 +7,10 @@ prepared layout (manifest + per-task support/query parquet), deterministic for a
   lexicographer category (``noun.animal``, ``verb.motion``, ...): each task picks N categories and
   gives them N arbitrary label words, so the mapping must be learnt from the task's own examples.
   *Categories* are split between meta-training, validation and held-out pools.
+- ``wordnet_cloze``: SMLMT-style cloze tasks (Bansal et al. 2020) from WordNet's glosses and usage
+  examples: each task picks N words, blanks each out of real sentences that use it, and gives the N
+  words arbitrary labels; the answer is the label of the blanked word. *Words* are split between
+  meta-training, validation and held-out pools; 1,000 meta-training tasks by default.
 - ``countries``: real facts about ~250 countries from the ``countryinfo`` package (MIT): one task per
   field × answer style. *Fields* are split between meta-training, validation and held-out pools, so
   a held-out task asks for a kind of fact never trained on. Prompt/response rows, which
@@ -29,7 +33,7 @@ from metasft.data.formatting import Example
 from metasft.data.prepare import PreparedTask, write_prepared
 from metasft.errors import MetasftError
 
-SUITES = ("cipher", "wordnet", "countries")
+SUITES = ("cipher", "wordnet", "wordnet_cloze", "countries")
 
 # field -> (how to read it from a countryinfo record, question, sentence answer)
 COUNTRY_FIELDS = {
@@ -60,6 +64,8 @@ def build_suite(name: str, out: str | os.PathLike, seed: int = 0) -> dict:
         return build_countries(out, seed)
     if name == "wordnet":
         return build_wordnet(out, seed)
+    if name == "wordnet_cloze":
+        return build_wordnet_cloze(out, seed)
     raise MetasftError(f"suites build: unknown suite {name!r} (known: {', '.join(SUITES)})")
 
 
@@ -194,4 +200,88 @@ def build_wordnet(out: str | os.PathLike, seed: int = 0, ways: int = 5, support_
     options = {"generator": "metasft.data.suites.build_wordnet", "source": "WordNet 3.0", "ways": ways,
                "support_per_class": support_per_class, "query_per_class": query_per_class,
                "category_pools": pools}
+    return write_prepared(out, tasks, seed=seed, options=options)
+
+
+# Answers of the cloze suite: plain nouns, unrelated to the blanked words, none of them a colour (the
+# ``wordnet`` suite's labels), so a model meta-trained on one family meets new answer words on the other.
+CLOZE_LABELS = ("apple", "river", "stone", "cloud", "tiger", "piano", "ocean", "candle", "forest", "silver",
+                "garden", "window", "rocket", "violin", "desert", "island")
+# Words too common to be a task's hidden word.
+CLOZE_STOPWORDS = frozenset("""about above after again against also another because been before being below between
+both could does doing down during each especially etc even every from further have having here into itself just
+made make many more most much must only other over same should some something such than that their them then there
+these they this those through under until upon used using very what when where which while with within without
+would your usually often especially part form kind type sort something someone person persons thing things state
+quality having being one's someone's""".split())
+
+
+def wordnet_sentences(folder: str | os.PathLike | None = None) -> list[str]:
+    """Every definition and quoted usage example of WordNet's four ``data.*`` files, one string each."""
+    folder = Path(folder or os.environ.get(WORDNET_DIR_ENV) or "/usr/share/wordnet")
+    files = [folder / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise MetasftError(f"suites build wordnet_cloze: no WordNet database at {missing[0]}; install it with: "
+                           f"{WORDNET_INSTALL}")
+    sentences = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):
+                    continue
+                _, _, gloss = line.partition(" | ")
+                for piece in gloss.strip().split(";"):
+                    piece = piece.strip().strip('"').strip()
+                    if len(piece.split()) >= 5:
+                        sentences.append(piece)
+    return sentences
+
+
+def build_wordnet_cloze(out: str | os.PathLike, seed: int = 0, ways: int = 5, support_per_class: int = 10,
+                        query_per_class: int = 5, num_train_tasks: int = 1000, num_validation_tasks: int = 5,
+                        num_test_tasks: int = 10, num_validation_words: int = 60, num_test_words: int = 120,
+                        max_sentence_words: int = 24, folder: str | os.PathLike | None = None) -> dict:
+    sentences = sorted(set(wordnet_sentences(folder)))
+    per_class = support_per_class + query_per_class
+    uses: dict[str, list[int]] = {}
+    for index, sentence in enumerate(sentences):
+        for word in set(re.findall(r"[a-z]+", sentence.lower())):
+            if len(word) >= 4 and word not in CLOZE_STOPWORDS:
+                uses.setdefault(word, []).append(index)
+    words = sorted(w for w, idx in uses.items() if len(idx) >= per_class)
+    rng = np.random.default_rng([seed, 13])
+    order = [words[i] for i in rng.permutation(len(words))]
+    pools = {"test": order[:num_test_words], "validation": order[num_test_words:num_test_words + num_validation_words],
+             "train": order[num_test_words + num_validation_words:]}
+    if min(len(p) for p in pools.values()) < ways:
+        raise MetasftError(f"suites build wordnet_cloze: {len(words)} usable words cannot fill three pools of "
+                           f"{ways}-way tasks")
+    tasks = []
+    for split, count in (("train", num_train_tasks), ("validation", num_validation_tasks), ("test", num_test_tasks)):
+        pool = pools[split]
+        for index in range(count):
+            chosen = [pool[i] for i in rng.choice(len(pool), ways, replace=False)]
+            labels = [CLOZE_LABELS[i] for i in rng.choice(len(CLOZE_LABELS), ways, replace=False)]
+            options = ", ".join(sorted(labels))
+            support, query = [], []
+            for word, label in zip(chosen, labels):
+                blank = re.compile(rf"\b{word}\b", re.IGNORECASE)
+                for rank, i in enumerate(rng.choice(len(uses[word]), per_class, replace=False)):
+                    text = blank.sub("____", sentences[uses[word][i]])
+                    tokens = text.split()
+                    if len(tokens) > max_sentence_words:  # keep a window around the first blank
+                        at = next(k for k, t in enumerate(tokens) if "____" in t)
+                        start = max(0, min(at - max_sentence_words // 2, len(tokens) - max_sentence_words))
+                        text = " ".join(tokens[start:start + max_sentence_words])
+                    example = Example(prompt=f"Labels: {options}.\nSentence: {text}\nWhich label?", response=label,
+                                      source=f"wordnet_cloze {word}")
+                    (support if rank < support_per_class else query).append(example)
+            support = [support[i] for i in rng.permutation(len(support))]
+            query = [query[i] for i in rng.permutation(len(query))]
+            tasks.append(PreparedTask(name=f"cloze_{split}_{index:04d}", support=support, query=query,
+                                      held_out=split != "train", validation=split == "validation",
+                                      info={"words": chosen, "labels": labels, "ways": ways}))
+    options = {"generator": "metasft.data.suites.build_wordnet_cloze", "source": "WordNet 3.0 glosses", "ways": ways,
+               "support_per_class": support_per_class, "query_per_class": query_per_class, "word_pools": pools}
     return write_prepared(out, tasks, seed=seed, options=options)

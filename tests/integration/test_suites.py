@@ -134,3 +134,33 @@ def test_missing_data_package_exits_2_with_the_install_command(tmp_path, monkeyp
 def test_unknown_suite_exits_2(tmp_path, capsys):
     assert main(["suites", "build", "wordnett", "--out", str(tmp_path / "x")]) == 2
     assert "unknown suite 'wordnett'" in capsys.readouterr().err
+
+
+def test_wordnet_cloze_blanks_held_out_words_never_seen_in_meta_training(tmp_path):
+    from metasft.data.suites import CLOZE_LABELS, WORDNET_LABELS, build_wordnet_cloze, wordnet_sentences
+
+    manifest = build("wordnet_cloze", tmp_path / "c")
+    tasks = manifest["tasks"]
+    assert (len(manifest["train_tasks"]), len(manifest["validation_tasks"]), len(manifest["held_out_tasks"])) == (1000, 5, 10)
+    words = {split: {w for t in manifest[key] for w in tasks[t]["words"]}
+             for split, key in (("train", "train_tasks"), ("validation", "validation_tasks"), ("test", "held_out_tasks"))}
+    assert not words["train"] & words["test"] and not words["train"] & words["validation"]
+    assert not words["validation"] & words["test"]
+    assert not set(CLOZE_LABELS) & set(WORDNET_LABELS)  # other answer words than the category suite's
+    sentences = set(wordnet_sentences())
+    for name in (manifest["held_out_tasks"][0], manifest["train_tasks"][0]):
+        info = tasks[name]
+        label_of = dict(zip(info["words"], info["labels"]))
+        support, query = rows(tmp_path / "c", name, "support"), rows(tmp_path / "c", name, "query")
+        assert len(support) == 50 and len(query) == 25
+        for row in support + query:
+            word = row["source"].split(" ", 1)[1]
+            assert row["response"] == label_of[word]  # the label of the blanked word
+            sentence = row["prompt"].split("\nSentence: ", 1)[1].rsplit("\nWhich label?", 1)[0]
+            assert "____" in sentence and word not in sentence.lower().split()
+            # The blank filled in again is (a window of) a real WordNet gloss or example.
+            filled = sentence.replace("____", word)
+            assert any(filled.lower() in s.lower() for s in sentences if word in s.lower())
+        assert {sum(r["response"] == label for r in support) for label in info["labels"]} == {10}
+    again = build_wordnet_cloze(tmp_path / "again", seed=0)
+    assert again == manifest
