@@ -16,6 +16,17 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom: the table up to 30, then the
+    Cornish-Fisher expansion around the normal quantile (Abramowitz & Stegun 26.7.5), within 1e-5 there.
+    (1.96, the normal quantile, is 2-3% too small at df 30-60: intervals of 20 tasks x 3 seeds.)"""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
     n = len(values)
@@ -23,8 +34,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     if n < 2:
         return mean, 0.0
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
-    return mean, t * sd / math.sqrt(n)
+    return mean, t975(n - 1) * sd / math.sqrt(n)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
