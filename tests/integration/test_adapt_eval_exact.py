@@ -272,3 +272,39 @@ def test_adapt_with_adamw_equals_torch_adamw_on_the_whole_shot_set(tmp_path, tin
     # SGD at the same lr is another update entirely.
     sgd = ref_adapt(base, [batch] * steps, lr)
     assert rel_err(deltas(params_of(base), params_of(sgd)), ref_delta) > 0.5
+
+
+def test_in_context_scores_equal_transformers_called_directly(tiny_llama_dir, tokenizer):
+    """The in-context baseline (bench ``adaptations: [in_context]``): the row rendered by metasft and
+    scored by ``evaluate_rows`` against the prompt written here with the tokenizer's chat template, its
+    loss over the response tokens from one plain forward, and a plain greedy loop for the answer."""
+    from metasft.data.formatting import Example
+    from metasft.data.in_context import render_in_context
+    from metasft.evaluate import evaluate_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
+    shots = [Example(prompt=r["prompt"], response=r["response"]) for r in cipher_rows(3, 3, length=3)]
+    queries = [Example(prompt=r["prompt"], response=r["response"]) for r in cipher_rows(3, 5, length=3)[3:]]
+    rendered = [render_in_context(shots, q, tokenizer, max_length=512)[0] for q in queries]
+    ours = evaluate_rows(model, tokenizer, rendered, queries, batch_size=2, max_new_tokens=6)
+
+    nll, count, predictions = 0.0, 0, []
+    for query in queries:
+        messages = [m for s in shots for m in ({"role": "user", "content": s.prompt},
+                                               {"role": "assistant", "content": s.response})]
+        messages.append({"role": "user", "content": query.prompt})
+        prompt = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        full = tokenizer(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": query.response}],
+                                                       tokenize=False), add_special_tokens=False)["input_ids"]
+        assert full[:len(prompt)] == prompt
+        end = full.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt)) + 1  # through end of turn
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([full[:end]])).logits[0].double(), -1)
+        nll -= sum(float(logp[t - 1, full[t]]) for t in range(len(prompt), end))
+        count += end - len(prompt)
+        predictions.append(tokenizer.decode(greedy(model, prompt, 6, tokenizer.eos_token_id), skip_special_tokens=True))
+    assert ours["target_tokens"] == count
+    assert ours["query_loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert ours["predictions"] == predictions
+    assert ours["exact_match"] == sum(p.strip() == q.response.strip() for p, q in zip(predictions, queries)) / len(queries)
