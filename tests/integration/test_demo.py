@@ -46,6 +46,23 @@ def test_demo_gives_every_method_the_same_forward_backward_passes(tmp_path):
     assert set(passes) == set(METHODS) and set(passes.values()) == {300 * TASKS_PER_STEP * 6}, passes
 
 
+def test_the_demo_s_opt_in_learned_rate_methods_train_their_rates_on_the_same_budget(tmp_path):
+    from metasft.bench import load_bench_config, resolve_methods
+    from metasft.demo import METHODS, OPTIONAL_METHODS, TASKS_PER_STEP, write_bench_config
+
+    (tmp_path / "data").mkdir()
+    cfg = load_bench_config(write_bench_config(tmp_path, tmp_path / "base", 300, 0,
+                                               list(METHODS) + list(OPTIONAL_METHODS), [10]))
+    methods = {m.name: m.train_config for m in resolve_methods(cfg, tmp_path, num_train_tasks=200)[1:]}
+    assert set(OPTIONAL_METHODS) <= set(methods)
+    for name in OPTIONAL_METHODS:
+        train = methods[name]
+        assert train.meta.learn_inner_lr == "per_tensor" and train.meta.inner_lr_lr == 3e-3
+        assert train.meta.algorithm == name.split("_")[0]
+        passes = train.trainer.total_training_steps * TASKS_PER_STEP * (train.meta.num_inner_steps + 1)
+        assert passes == 300 * TASKS_PER_STEP * 6, (name, passes)
+
+
 def test_demo_seed_changes_the_suite_and_its_keys_exclude_the_pretraining_family(tmp_path):
     from metasft.data.synthetic import generate_suite, pretraining_keys
 

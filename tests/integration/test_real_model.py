@@ -26,6 +26,35 @@ def smollm2_dir(tmp_path_factory):
     return out
 
 
+def test_models_and_suites_list_what_get_and_build_know(capsys):
+    from metasft.data.suites import SUITES
+    from metasft.models import KNOWN_MODELS
+
+    assert main(["models", "list"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("smollm2-135m: SmolLM2-135M-Instruct") and "pip install" in line
+    assert main(["suites", "list"]) == 0
+    assert capsys.readouterr().out.split() == list(SUITES)
+    assert set(KNOWN_MODELS) == {"smollm2-135m"}
+
+
+@pytest.mark.slow
+def test_models_get_gguf_file_converts_the_same_weights(smollm2_dir, tmp_path):
+    """``--gguf FILE`` (any GGUF file) gives the folder the packaged name gives, tensor for tensor."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from metasft.models import KNOWN_MODELS
+
+    model = KNOWN_MODELS["smollm2-135m"]
+    gguf = Path(list(importlib.util.find_spec(model.module).submodule_search_locations)[0]) / model.filename
+    assert main(["models", "get", "--gguf", str(gguf), "--out", str(tmp_path / "by_file")]) == 0
+    by_name, by_file = load_file(smollm2_dir / "model.safetensors"), load_file(tmp_path / "by_file" / "model.safetensors")
+    assert by_name.keys() == by_file.keys() and all(torch.equal(by_name[k], by_file[k]) for k in by_name)
+
+
 @pytest.mark.slow
 def test_converted_smollm2_is_a_plain_transformers_model_that_reads_english(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
