@@ -121,7 +121,7 @@ def accumulate_meta_gradient(engine: InnerLoop, algorithm, episodes, weight: flo
 
 def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimizer: torch.optim.Optimizer,
                   clip_grad: float | None, want_pre: bool = False, sharded: bool = False, world_size: int = 1,
-                  tasks_per_pass: int = 1) -> dict:
+                  tasks_per_pass: int = 1, poison: bool = False) -> dict:
     """One meta-step on this rank's episodes: every task adds its contribution to the meta-gradient,
     which is all-reduced (task-parallel), checked to be finite, clipped, written to ``.grad`` and
     applied by the outer optimizer. Tasks go through the algorithm ``tasks_per_pass`` at a time
@@ -129,6 +129,8 @@ def run_meta_step(engine: InnerLoop, algorithm, episodes, num_tasks: int, optimi
     ``applied`` (False when a non-finite loss or gradient made it skip)."""
     task_metrics = accumulate_meta_gradient(engine, algorithm, episodes, algorithm.task_weight(num_tasks), want_pre,
                                             tasks_per_pass)
+    if poison:  # a transient numerical fault, injected by tests (faults.poisoned)
+        engine.meta_grad[0].view(-1)[0] = float("nan")
     if not sharded:  # under FSDP the gradients arrived already reduced, sharded like θ
         distributed.all_reduce_sum_(engine.meta_grad + engine.rates_meta_grad)
     sums = [sum(m.tokens for m in task_metrics), float(not all(m.finite for m in task_metrics)),
@@ -328,7 +330,7 @@ class Trainer:
         episodes, num_tasks = self.sampler.episodes(self.step, mine=mine)
         result = run_meta_step(self.engine, self.algorithm, episodes, num_tasks, self.optimizer, cfg.optim.clip_grad,
                                want_pre=want_logs, sharded=self.fsdp, world_size=self.env.world_size,
-                               tasks_per_pass=self.tasks_per_pass)
+                               tasks_per_pass=self.tasks_per_pass, poison=faults.poisoned(self.step))
         if result.pop("applied"):
             self.nonfinite_streak = 0
         else:

@@ -4,6 +4,7 @@ state, around the rename) leaves a loadable checkpoint, and resuming reaches bit
 weights; SIGTERM stops after a meta-step with a checkpoint; persistent non-finite losses stop the
 run cleanly. Faults are chosen by place and meta-step, never by timing."""
 
+import json
 import os
 import signal
 import subprocess
@@ -134,3 +135,55 @@ def test_persistent_non_finite_losses_stop_with_an_intact_checkpoint(tmp_path, t
     # Skipped steps never touch θ: whatever was saved still holds the last finite weights.
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_sigint_saves_and_stops_like_sigterm(tmp_path, tiny_llama_dir, reference):
+    tasks, _ = reference
+    run_dir = tmp_path / "run"
+    code, err = run_with_fault(train_args(tiny_llama_dir, tasks, run_dir, ["trainer.total_training_steps=100000",
+                                                                           "trainer.save_freq=-1"]),
+                               "meta_step.end@2", "SIGINT")
+    assert code == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT after meta-step 2" in err and "Traceback" not in err
+    assert step_of(latest_checkpoint(run_dir)) == 2
+
+
+def test_a_second_signal_while_saving_stops_at_once_and_loses_nothing(tmp_path, tiny_llama_dir, reference):
+    """SIGINT after meta-step 3, then a second SIGINT in the middle of the checkpoint that the first
+    asked for: the run stops there (exit 130), the half-written checkpoint never becomes one, the
+    previous one is intact, and resuming from it ends where an uninterrupted run does."""
+    tasks, expected = reference
+    run_dir = tmp_path / "run"
+    args = train_args(tiny_llama_dir, tasks, run_dir, ["trainer.save_freq=2"])
+    code, err = run_with_fault(args, "meta_step.end@3,checkpoint.after_weights@3", "SIGINT")
+    assert code == 130 and "interrupted" in err, err[-2000:]
+    assert step_of(latest_checkpoint(run_dir)) == 2
+    assert not (run_dir / "step_3").exists()
+    AutoModelForCausalLM.from_pretrained(run_dir / "step_2")
+    code, err = run_with_fault(args)
+    assert code == 0, err[-3000:]
+    got = final_weights(run_dir)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".step_")], "temporary checkpoint left behind"
+
+
+def test_a_transient_non_finite_step_is_skipped_with_weights_and_optimizer_untouched(tmp_path, tiny_llama_dir,
+                                                                                     reference):
+    tasks, _ = reference
+    run_dir = tmp_path / "run"
+    code, err = run_with_fault(train_args(tiny_llama_dir, tasks, run_dir, ["trainer.keep=null", "optim.name=adamw"]),
+                               "meta_step.nonfinite@2")
+    assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in records][:4] == [0, 0, 1, 1]
+    assert records[2].get("grad_norm") is None and records[3]["grad_norm"] > 0
+    # Meta-step 3 (index 2) was skipped: θ and AdamW's moments and step count are as after meta-step 2.
+    a, b = (load_file(run_dir / f"step_{s}" / "model.safetensors") for s in (2, 3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt2, opt3 = (torch.load(run_dir / f"step_{s}" / "optimizer.pt", weights_only=True)["optimizer"] for s in (2, 3))
+    for key, state in opt2["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt3["state"][key][name]), (key, name)
+    # Then training goes on: meta-step 4 moves θ again.
+    c = load_file(run_dir / "step_4" / "model.safetensors")
+    assert any(not torch.equal(b[k], c[k]) for k in b)
