@@ -158,7 +158,7 @@ class InnerLoop:
         with torch.no_grad():
             self.theta = [p.detach().clone() for p in self.params]
             self.meta_grad = [torch.zeros_like(p) for p in self.params]
-        # Learned inner rates: α per meta-parameter, shape [] (per_tensor) or [K] (per step),
+        # Learned inner rates: α per inner-scope tensor, shape [] (per_tensor) or [K] (per step),
         # initialised at inner_lr. ``learning_rates``: the inner steps record what the first-order
         # α-gradient needs (training); adapting with loaded rates does not.
         self.rates: list[torch.nn.Parameter] = []
