@@ -293,7 +293,7 @@ def task_batching_conflict(cfg: "Config") -> str | None:
     """Why the tasks of a meta-step cannot adapt in one batched pass under ``cfg`` (None: they can)."""
     from metasft.algorithms import ALGORITHMS
 
-    algorithm = ALGORITHMS[cfg.meta.algorithm]
+    algorithm = ALGORITHMS[cfg.meta.algorithm or "fomaml"]  # an unvalidated Config() means the default
     if not algorithm.episodic:
         return f"{cfg.meta.algorithm} has no inner loop to batch (its tasks already share one batch per step)"
     if not algorithm.batched():

@@ -100,8 +100,8 @@ class TaskMetrics:
 
 @dataclass
 class Adapted:
-    """The outcome of :meth:`InnerLoop.adapt`: φ stacked ``[T, ...]`` per inner-scope tensor (None:
-    held in the model's own parameters), and with learned rates under first order each inner step's
+    """The outcome of :meth:`InnerLoop.adapt`: φ stacked ``[T, ...]`` per inner-scope tensor (a lone
+    task's unstacked; None: held in the model's own parameters), and with learned rates under first order each inner step's
     gradients (what the α-gradient needs; nothing is left behind in the engine between calls)."""
 
     weights: dict[str, torch.Tensor] | None
@@ -425,9 +425,7 @@ class InnerLoop:
         """The §2.3 loss of each task, ``[T]``: task t's rows at its adapted weights (at the model's
         own parameters when ``adapted`` is None or held in place)."""
         weights = None if adapted is None else adapted.weights
-        if batch["input_ids"].dim() == 2:  # one task, its own collated batch
-            if weights is not None:
-                weights = {n: w[0] for n, w in weights.items()}
+        if batch["input_ids"].dim() == 2:  # one task: its own collated batch, its weights unstacked
             return self.loss(batch, weights, double_backward=double_backward).unsqueeze(0)
         # Target positions are data-dependent, so they are found here, over every task's rows, not
         # inside vmap; padding rows and tasks with fewer targets just ignore the extra positions.
@@ -472,7 +470,11 @@ class InnerLoop:
 
     def _start_weights(self, size: int, graph: bool) -> dict[str, torch.Tensor]:
         """θ's inner scope broadcast to ``size`` tasks: a view of θ in the graph (MAML: the backward
-        pass sums the tasks' paths into θ), or a detached leaf per step (first order)."""
+        pass sums the tasks' paths into θ), or a detached leaf per step (first order). One task's
+        weights are not stacked: θ itself starts its graph, as a plain functional call would."""
+        if size == 1:
+            return {n: p if graph else p.detach().clone().requires_grad_()
+                    for n, p in zip(self.inner_names, self.inner_params)}
         if graph:
             return {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in zip(self.inner_names, self.inner_params)}
         return {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_()
@@ -491,7 +493,7 @@ class InnerLoop:
         inner_grads, rest = grads[:len(self.inner_index)], grads[len(self.inner_index):]
         full: list = [None] * len(self.params)
         for i, g in zip(self.inner_index, inner_grads):
-            full[i] = g.sum(0)
+            full[i] = g.sum(0) if g.dim() > self.params[i].dim() else g
         for i, g in zip(others, rest):
             full[i] = g
         return full, inner_grads
@@ -503,7 +505,8 @@ class InnerLoop:
             return [theta - p for theta, p in zip(self.inner_theta(), self.inner_params)]
         # Differences first: θ − φ is small next to θ, and subtracting per task keeps its rounding
         # relative to the difference.
-        return [(p.unsqueeze(0) - phi).sum(0) for p, phi in zip(self.inner_params, adapted.weights.values())]
+        return [(p.unsqueeze(0) - phi).sum(0) if phi.dim() > p.dim() else p - phi
+                for p, phi in zip(self.inner_params, adapted.weights.values())]
 
     def inner_theta(self) -> list[torch.Tensor]:
         return [self.theta[i] for i in self.inner_index]
