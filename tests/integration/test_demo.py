@@ -75,18 +75,31 @@ def test_demo_seed_changes_the_suite_and_its_keys_exclude_the_pretraining_family
     assert keys[7] != keys[8]
 
 
+# Margins in exact match over multi-task SFT at 10 shots that every seed cleared (seeds 0-4 of the
+# same command, docs/demo.md "Results: five seeds"): FOMAML +0.539, Reptile +0.989, META-LoRA +0.814.
+# The test asks for less than the worst seed gave, and for a margin SFT itself could not reach by
+# chance (SFT sits at 0.000-0.011). Those seeds ran on an AMD EPYC; on an AVX-512 Xeon this test's
+# seed 1 gave FOMAML +0.714, Reptile +0.983, META-LoRA +0.592 (other rounding, other checkpoints
+# chosen: docs/demo.md), so META-LoRA's 0.5 has the least room. MAML (K = 1) gave +0.001 on seed 4 (bistable on this suite), so no
+# margin holds for it across seeds and the README does not claim one.
+EFFECT_MARGINS = {"fomaml": 0.3, "reptile": 0.6, "meta_lora": 0.5}
+
+
 @pytest.mark.slow
-def test_fomaml_beats_multitask_sft_on_held_out_keys(tmp_path):
-    """The effect at a fixed step budget: 300 FOMAML meta-steps and 1,800 SFT steps (equal
-    forward/backward passes) from the pretrained base, each scored at its best checkpoint on the
-    validation keys and adapted at the lr they chose; on 20 unseen keys FOMAML's post-adaptation
-    query loss is lower by at least 0.5 nats per token and its exact match higher by 0.3 (measured
-    margins on this seed and five others: docs/demo.md)."""
+def test_meta_learning_beats_multitask_sft_on_held_out_keys(tmp_path):
+    """The effect at a fixed step budget, for every method the README says beats SFT on every seed:
+    300 FOMAML meta-steps' worth of forward/backward passes each (Reptile, META-LoRA and SFT get the
+    same passes), one shared pretraining, each method scored at its best checkpoint on the validation
+    keys and adapted at the lr it chose. A method whose inner loop is broken (no adaptation, or the SFT
+    update in its place) stays at SFT's level and fails its margin."""
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "300", "--methods", "fomaml", "--n-shots", "10", "--seed", "1",
+    methods = list(EFFECT_MARGINS)
+    assert main(["demo", "--steps", "300", "--methods", ",".join(methods), "--n-shots", "10", "--seed", "1",
                  "--out", str(out)]) == 0
     selected = json.loads((out / "results.json").read_text())["methods"]
-    assert all(selected[m]["selected_by"] == "val/exact_match" for m in ("fomaml", "sft"))
+    assert all(selected[m]["selected_by"] == "val/exact_match" for m in methods + ["sft"])
+    sft = _mean(out / "results.csv", "sft", "exact_match")
+    for method, margin in EFFECT_MARGINS.items():
+        assert _mean(out / "results.csv", method, "exact_match") - sft >= margin, method
     loss = {m: _mean(out / "results.csv", m, "query_loss") for m in ("fomaml", "sft")}
     assert loss["sft"] - loss["fomaml"] >= 0.5, loss
-    assert _mean(out / "results.csv", "fomaml", "exact_match") - _mean(out / "results.csv", "sft", "exact_match") >= 0.3
