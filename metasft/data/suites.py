@@ -160,6 +160,40 @@ def wordnet_synsets(folder: str | os.PathLike | None = None) -> dict[str, list[t
     return by_category
 
 
+def _split_pools(items: list[str], rng, num_test: int, num_validation: int, ways: int, suite: str,
+                 what: str) -> dict[str, list[str]]:
+    """Held-out, validation and meta-training pools of ``items`` (categories, words): disjoint, by seed."""
+    order = [items[i] for i in rng.permutation(len(items))]
+    pools = {"test": order[:num_test], "validation": order[num_test:num_test + num_validation],
+             "train": order[num_test + num_validation:]}
+    if min(len(p) for p in pools.values()) < ways:
+        raise MetasftError(f"suites build {suite}: {len(items)} usable {what} cannot fill three pools of {ways}-way tasks")
+    return pools
+
+
+def _n_way_tasks(prefix: str, pools: dict[str, list[str]], counts: tuple[int, int, int], rng, label_words, ways: int,
+                 support_per_class: int, examples, info_key: str, width: int = 3) -> list[PreparedTask]:
+    """N-way tasks whose classes come from each split's pool and whose answers are label words drawn
+    anew per task; ``examples(class, label, options)`` gives a class's support + query examples."""
+    tasks = []
+    for split, count in zip(("train", "validation", "test"), counts):
+        pool = pools[split]
+        for index in range(count):
+            classes = [pool[i] for i in rng.choice(len(pool), ways, replace=False)]
+            labels = [label_words[i] for i in rng.choice(len(label_words), ways, replace=False)]
+            options = ", ".join(sorted(labels))
+            support, query = [], []
+            for cls, label in zip(classes, labels):
+                for rank, example in enumerate(examples(cls, label, options)):
+                    (support if rank < support_per_class else query).append(example)
+            support = [support[i] for i in rng.permutation(len(support))]
+            query = [query[i] for i in rng.permutation(len(query))]
+            tasks.append(PreparedTask(name=f"{prefix}_{split}_{index:0{width}d}", support=support, query=query,
+                                      held_out=split != "train", validation=split == "validation",
+                                      info={info_key: classes, "labels": labels, "ways": ways}))
+    return tasks
+
+
 def build_wordnet(out: str | os.PathLike, seed: int = 0, ways: int = 5, support_per_class: int = 10,
                   query_per_class: int = 5, num_train_tasks: int = 100, num_validation_tasks: int = 5,
                   num_test_tasks: int = 10, num_validation_categories: int = 6, num_test_categories: int = 10,
@@ -168,35 +202,21 @@ def build_wordnet(out: str | os.PathLike, seed: int = 0, ways: int = 5, support_
     rng = np.random.default_rng([seed, 11])
     per_class = support_per_class + query_per_class
     usable = [c for c in WORDNET_CATEGORIES if len(synsets[c]) >= 4 * per_class]
-    order = [usable[i] for i in rng.permutation(len(usable))]
-    pools = {"test": order[:num_test_categories],
-             "validation": order[num_test_categories:num_test_categories + num_validation_categories],
-             "train": order[num_test_categories + num_validation_categories:]}
-    if min(len(p) for p in pools.values()) < ways:
-        raise MetasftError(f"suites build wordnet: {len(usable)} usable categories cannot fill three pools of "
-                           f"{ways}-way tasks")
-    tasks = []
-    for split, count in (("train", num_train_tasks), ("validation", num_validation_tasks), ("test", num_test_tasks)):
-        pool = pools[split]
-        for index in range(count):
-            categories = [pool[i] for i in rng.choice(len(pool), ways, replace=False)]
-            labels = [WORDNET_LABELS[i] for i in rng.choice(len(WORDNET_LABELS), ways, replace=False)]
-            options = ", ".join(sorted(labels))
-            support, query = [], []
-            for category, label in zip(categories, labels):
-                members = synsets[category]
-                for rank, i in enumerate(rng.choice(len(members), per_class, replace=False)):
-                    word, definition = members[i]
-                    words = definition.split()
-                    definition = " ".join(words[:max_definition_words]) + (" ..." if len(words) > max_definition_words else "")
-                    example = Example(prompt=f"Labels: {options}.\nWord: {word}\nMeaning: {definition}\nWhich label?",
-                                      response=label, source=f"wordnet {category} {word}")
-                    (support if rank < support_per_class else query).append(example)
-            support = [support[i] for i in rng.permutation(len(support))]
-            query = [query[i] for i in rng.permutation(len(query))]
-            tasks.append(PreparedTask(name=f"wordnet_{split}_{index:03d}", support=support, query=query,
-                                      held_out=split != "train", validation=split == "validation",
-                                      info={"categories": categories, "labels": labels, "ways": ways}))
+    pools = _split_pools(usable, rng, num_test_categories, num_validation_categories, ways, "wordnet", "categories")
+
+    def examples(category: str, label: str, options: str) -> list[Example]:
+        members = synsets[category]
+        rows = []
+        for i in rng.choice(len(members), per_class, replace=False):
+            word, definition = members[i]
+            words = definition.split()
+            definition = " ".join(words[:max_definition_words]) + (" ..." if len(words) > max_definition_words else "")
+            rows.append(Example(prompt=f"Labels: {options}.\nWord: {word}\nMeaning: {definition}\nWhich label?",
+                                response=label, source=f"wordnet {category} {word}"))
+        return rows
+
+    tasks = _n_way_tasks("wordnet", pools, (num_train_tasks, num_validation_tasks, num_test_tasks), rng, WORDNET_LABELS,
+                         ways, support_per_class, examples, "categories")
     options = {"generator": "metasft.data.suites.build_wordnet", "source": "WordNet 3.0", "ways": ways,
                "support_per_class": support_per_class, "query_per_class": query_per_class,
                "category_pools": pools}
@@ -251,37 +271,24 @@ def build_wordnet_cloze(out: str | os.PathLike, seed: int = 0, ways: int = 5, su
                 uses.setdefault(word, []).append(index)
     words = sorted(w for w, idx in uses.items() if len(idx) >= per_class)
     rng = np.random.default_rng([seed, 13])
-    order = [words[i] for i in rng.permutation(len(words))]
-    pools = {"test": order[:num_test_words], "validation": order[num_test_words:num_test_words + num_validation_words],
-             "train": order[num_test_words + num_validation_words:]}
-    if min(len(p) for p in pools.values()) < ways:
-        raise MetasftError(f"suites build wordnet_cloze: {len(words)} usable words cannot fill three pools of "
-                           f"{ways}-way tasks")
-    tasks = []
-    for split, count in (("train", num_train_tasks), ("validation", num_validation_tasks), ("test", num_test_tasks)):
-        pool = pools[split]
-        for index in range(count):
-            chosen = [pool[i] for i in rng.choice(len(pool), ways, replace=False)]
-            labels = [CLOZE_LABELS[i] for i in rng.choice(len(CLOZE_LABELS), ways, replace=False)]
-            options = ", ".join(sorted(labels))
-            support, query = [], []
-            for word, label in zip(chosen, labels):
-                blank = re.compile(rf"\b{word}\b", re.IGNORECASE)
-                for rank, i in enumerate(rng.choice(len(uses[word]), per_class, replace=False)):
-                    text = blank.sub("____", sentences[uses[word][i]])
-                    tokens = text.split()
-                    if len(tokens) > max_sentence_words:  # keep a window around the first blank
-                        at = next(k for k, t in enumerate(tokens) if "____" in t)
-                        start = max(0, min(at - max_sentence_words // 2, len(tokens) - max_sentence_words))
-                        text = " ".join(tokens[start:start + max_sentence_words])
-                    example = Example(prompt=f"Labels: {options}.\nSentence: {text}\nWhich label?", response=label,
-                                      source=f"wordnet_cloze {word}")
-                    (support if rank < support_per_class else query).append(example)
-            support = [support[i] for i in rng.permutation(len(support))]
-            query = [query[i] for i in rng.permutation(len(query))]
-            tasks.append(PreparedTask(name=f"cloze_{split}_{index:04d}", support=support, query=query,
-                                      held_out=split != "train", validation=split == "validation",
-                                      info={"words": chosen, "labels": labels, "ways": ways}))
+    pools = _split_pools(words, rng, num_test_words, num_validation_words, ways, "wordnet_cloze", "words")
+
+    def examples(word: str, label: str, options: str) -> list[Example]:
+        blank = re.compile(rf"\b{word}\b", re.IGNORECASE)
+        rows = []
+        for i in rng.choice(len(uses[word]), per_class, replace=False):
+            text = blank.sub("____", sentences[uses[word][i]])
+            tokens = text.split()
+            if len(tokens) > max_sentence_words:  # keep a window around the first blank
+                at = next(k for k, t in enumerate(tokens) if "____" in t)
+                start = max(0, min(at - max_sentence_words // 2, len(tokens) - max_sentence_words))
+                text = " ".join(tokens[start:start + max_sentence_words])
+            rows.append(Example(prompt=f"Labels: {options}.\nSentence: {text}\nWhich label?", response=label,
+                                source=f"wordnet_cloze {word}"))
+        return rows
+
+    tasks = _n_way_tasks("cloze", pools, (num_train_tasks, num_validation_tasks, num_test_tasks), rng, CLOZE_LABELS,
+                         ways, support_per_class, examples, "words", width=4)
     options = {"generator": "metasft.data.suites.build_wordnet_cloze", "source": "WordNet 3.0 glosses", "ways": ways,
                "support_per_class": support_per_class, "query_per_class": query_per_class, "word_pools": pools}
     return write_prepared(out, tasks, seed=seed, options=options)
