@@ -79,8 +79,8 @@ class MetaConfig:
     task_batching: Union[bool, Literal["auto"]] = _f(
         "auto", "Adapt the tasks of a meta-step together in one batched pass (torch.func.vmap over per-task "
                 "weights): true, false, or auto = on for maml/fomaml/reptile when a pass gets >= 2 tasks, nothing "
-                "rules it out (FSDP, activation checkpointing) and it was measured faster (LoRA; full weights up "
-                "to 10M parameters), else off. Same meta-gradient to rounding.")
+                "rules it out (FSDP, activation checkpointing) and it was measured worth it (models up to 10M "
+                "parameters, full weights or LoRA), else off. Same meta-gradient to rounding.")
     tasks_per_pass: Optional[int] = _f(None, "With task batching: at most this many tasks per batched pass (null = all "
                                              "of a rank's tasks). Full-weight batching holds one copy of the weights "
                                              "per task in a pass; lower this to trade speed for memory.")
