@@ -127,3 +127,25 @@ def test_bench_adapts_with_the_learned_rates_and_plots_them(tmp_path, tiny_llama
     assert result["methods"]["base"]["adapt_lr"]["4"] in (0.05, 0.2)
     assert "| learned | gradient | 4 | 4.0 | learned |" in (out / "results.md").read_text()
     assert (out / "inner_lrs.png").stat().st_size > 10_000
+
+
+def test_bench_with_adamw_adapts_every_method_at_a_chosen_lr_and_ignores_learned_rates(tmp_path, tiny_llama_dir,
+                                                                                       learned_run):
+    """``adapt.optimizer: adamw``: learned rates are SGD step sizes, so with AdamW every method, the
+    learned-rate checkpoint included, adapts at the lr chosen on validation tasks, and none is plotted."""
+    from test_bench_cli import make_prepared_suite
+
+    data = make_prepared_suite(tmp_path, n_validation=1)
+    config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [4], "seeds": [0],
+              "adapt": {"optimizer": "adamw", "lr_grid": [0.001, 0.01], "steps": 2, "batch_size": 4},
+              "data": {"chat_template": "none", "max_length": 64},
+              "methods": [{"name": "learned", "checkpoint": str(learned_run / "run" / "step_3")},
+                          {"name": "sft", "checkpoint": str(tiny_llama_dir)}],
+              "output_dir": str(tmp_path / "bench")}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    out = tmp_path / "bench"
+    result = json.loads((out / "results.json").read_text())
+    assert result["methods"]["learned"]["adapt_lr"]["4"] in (0.001, 0.01)
+    assert "learned_inner_lrs" not in result["methods"]["learned"]
+    assert not (out / "inner_lrs.png").exists()
