@@ -109,19 +109,24 @@ def test_adapt_uses_the_learned_rates_unless_lr_is_given(tmp_path, learned_run):
     assert any(not torch.equal(fixed[k], load_file(tmp_path / "learned" / "model.safetensors")[k]) for k in fixed)
 
 
-def test_bench_adapts_with_the_learned_rates_and_plots_them(tmp_path, tiny_llama_dir, learned_run):
+def run_bench_on_learned_run(tmp_path, tiny_llama_dir, learned_run, optimizer, lr_grid):
+    """bench the learned-rate checkpoint and the base with ``optimizer`` at ``lr_grid``; returns the output dir."""
     from test_bench_cli import make_prepared_suite
 
     data = make_prepared_suite(tmp_path, n_validation=1)
     config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [4], "seeds": [0],
-              "adapt": {"optimizer": "sgd", "lr_grid": [0.05, 0.2], "steps": 2, "batch_size": 4},
+              "adapt": {"optimizer": optimizer, "lr_grid": lr_grid, "steps": 2, "batch_size": 4},
               "data": {"chat_template": "none", "max_length": 64},
               "methods": [{"name": "learned", "checkpoint": str(learned_run / "run" / "step_3")},
                           {"name": "sft", "checkpoint": str(tiny_llama_dir)}],
               "output_dir": str(tmp_path / "bench")}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
-    out = tmp_path / "bench"
+    return tmp_path / "bench"
+
+
+def test_bench_adapts_with_the_learned_rates_and_plots_them(tmp_path, tiny_llama_dir, learned_run):
+    out = run_bench_on_learned_run(tmp_path, tiny_llama_dir, learned_run, "sgd", [0.05, 0.2])
     result = json.loads((out / "results.json").read_text())
     assert result["methods"]["learned"]["adapt_lr"] == {"4": None}  # no grid for it: its own rates
     assert result["methods"]["base"]["adapt_lr"]["4"] in (0.05, 0.2)
@@ -133,18 +138,7 @@ def test_bench_with_adamw_adapts_every_method_at_a_chosen_lr_and_ignores_learned
                                                                                        learned_run):
     """``adapt.optimizer: adamw``: learned rates are SGD step sizes, so with AdamW every method, the
     learned-rate checkpoint included, adapts at the lr chosen on validation tasks, and none is plotted."""
-    from test_bench_cli import make_prepared_suite
-
-    data = make_prepared_suite(tmp_path, n_validation=1)
-    config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [4], "seeds": [0],
-              "adapt": {"optimizer": "adamw", "lr_grid": [0.001, 0.01], "steps": 2, "batch_size": 4},
-              "data": {"chat_template": "none", "max_length": 64},
-              "methods": [{"name": "learned", "checkpoint": str(learned_run / "run" / "step_3")},
-                          {"name": "sft", "checkpoint": str(tiny_llama_dir)}],
-              "output_dir": str(tmp_path / "bench")}
-    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
-    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
-    out = tmp_path / "bench"
+    out = run_bench_on_learned_run(tmp_path, tiny_llama_dir, learned_run, "adamw", [0.001, 0.01])
     result = json.loads((out / "results.json").read_text())
     assert result["methods"]["learned"]["adapt_lr"]["4"] in (0.001, 0.01)
     assert "learned_inner_lrs" not in result["methods"]["learned"]
