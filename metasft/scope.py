@@ -220,8 +220,9 @@ class PrefixCache:
     for any other (to float rounding).
 
     In memory by default. With ``directory`` each row is a file under a subfolder named by a
-    fingerprint of the frozen layers (their shapes and weight sums, and ``cut``), so runs of the same
-    frozen model can share one folder and a different model can never read another's states."""
+    fingerprint of the frozen layers (their shapes and weight sums, and ``cut``; a LoRA adapter still
+    at B = 0 counts without its random A), so runs of the same frozen model, whatever their seed, share
+    one folder and a different model can never read another's states."""
 
     def __init__(self, window: LayerWindow, cut: int, directory: str | os.PathLike | None = None):
         self.window, self.cut = window, cut
@@ -240,7 +241,14 @@ class PrefixCache:
         digest = hashlib.sha256(f"cut={self.cut}".encode())
         modules = [parts.decoder.get_input_embeddings(), *parts.layers[:self.cut]]
         for module in modules:
-            for name, param in module.named_parameters():
+            params = dict(module.named_parameters())
+            for name, param in params.items():
+                # A LoRA adapter whose B is zero (as every adapter starts, and as the frozen layers'
+                # stay) is a no-op whatever its randomly drawn A: leave A out, so runs with another
+                # seed share the states they would compute identically.
+                paired_b = params.get(name.replace(".lora_A.", ".lora_B.")) if ".lora_A." in name else None
+                if paired_b is not None and not paired_b.any():
+                    continue
                 digest.update(f"{name}{tuple(param.shape)}{param.dtype}{float(param.double().sum())!r}".encode())
         return digest.hexdigest()[:20]
 

@@ -217,6 +217,40 @@ def test_the_prefix_cache_on_disk_equals_memory_and_is_shared_by_fingerprint(tmp
     assert len(list(shared.iterdir())) == 2
 
 
+def test_lora_runs_with_other_seeds_share_the_cache_but_a_trained_lower_adapter_does_not(tmp_path, tiny_llama_dir):
+    """The frozen layers' LoRA adapters start at B = 0 with a seeded random A: a no-op, so runs with
+    another seed compute the same states and must find them; an adapter with B != 0 below the cut
+    changes the states and must get a folder of its own."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from metasft.scope import LayerWindow, PrefixCache
+
+    overrides = write_tasks(tmp_path / "tasks", N_TASKS, N_SUPPORT, N_QUERY)
+    shared = tmp_path / "shared"
+    args = EXACT + overrides + LORA + ["model.train_top_layers=1", "trainer.total_training_steps=1",
+                                       f"trainer.prefix_cache_dir={shared}"]
+    run_train(tiny_llama_dir, tmp_path / "seed0", args + ["trainer.seed=0"], "fomaml")
+    (folder,) = list(shared.iterdir())
+    stamps = {f: f.stat().st_mtime_ns for f in folder.glob("*.pt")}
+    run_train(tiny_llama_dir, tmp_path / "seed1", args + ["trainer.seed=1"], "fomaml")
+    assert list(shared.iterdir()) == [folder]  # the other seed's random A did not split the cache
+    assert {f: f.stat().st_mtime_ns for f in folder.glob("*.pt")} == stamps  # and it wrote nothing
+
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    window = LayerWindow(model)
+    before = PrefixCache(window, cut=1).fingerprint()
+    torch.manual_seed(0)
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            torch.nn.init.normal_(module.lora_A["default"].weight)  # another random A: still a no-op
+    assert PrefixCache(window, cut=1).fingerprint() == before
+    with torch.no_grad():
+        window.parts.layers[0].self_attn.q_proj.lora_B["default"].weight.fill_(0.01)
+    assert PrefixCache(window, cut=1).fingerprint() != before
+
+
 def test_rows_that_would_not_fit_in_memory_are_cached_on_disk_beside_the_run(tmp_path, tiny_llama_dir, monkeypatch,
                                                                             capsys):
     import metasft.train as train_module
