@@ -20,6 +20,7 @@ from metasft.algorithms.inner_loop import Episode, InnerLoop
 from metasft.data.collate import collate_for_rank
 from metasft.data.tasks import BatchSchedule, Task, stable_seed
 from metasft.data.tokenize import Encoded
+from metasft.errors import ConfigError
 from metasft.losses import target_logits, token_loss_sum
 
 
@@ -27,6 +28,24 @@ def select_shots(num_rows: int, n_shots: int, seed: int, task: str) -> list[int]
     """The ``n_shots`` support rows of a few-shot episode: a seeded choice, the same for every method."""
     order = np.random.default_rng([stable_seed(seed, task, "shots")]).permutation(num_rows)
     return sorted(order[:n_shots].tolist())
+
+
+def select_shots_per_class(labels: list[str], n_shots: int, seed: int, task: str) -> list[int]:
+    """``n_shots`` rows of every class (rows sharing a label): the N-way K-shot episode. A seeded
+    choice per class, the same for every method. Raises ConfigError naming the task and the class
+    when a class has fewer rows."""
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    chosen = []
+    for label in sorted(by_class):
+        rows = by_class[label]
+        if n_shots > len(rows):
+            raise ConfigError(f"n_shots: {n_shots} per class exceeds task {task!r}'s {len(rows)} support rows "
+                              f"of class {label!r}")
+        order = np.random.default_rng([stable_seed(seed, task, "shots", label)]).permutation(len(rows))
+        chosen += [rows[i] for i in order[:n_shots]]
+    return sorted(chosen)
 
 
 def adapt_rows(engine: InnerLoop, rows: list[Encoded], *, steps: int, batch_size: int, lr: float, seed: int,

@@ -98,7 +98,9 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
     write_csv(rows, out / "results.csv")
     if validation_rows:
         write_csv(validation_rows, out / "validation.csv")
-    table = markdown_table(summary, info, chosen_on=validation if cfg.adapt.lr_grid else None)
+    per_class = cfg.shots == "per_class"
+    table = markdown_table(summary, info, chosen_on=validation if cfg.adapt.lr_grid else None,
+                           shots_label="shots per class" if per_class else "n_shots")
     curves = training_curves(methods, cfg.metric)
     result = {"summary": summary, "methods": info, "rows": rows, "training_curves": curves,
               "machine": _machine(), "config": dataclasses.asdict(cfg)}
@@ -113,7 +115,8 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         table += "\n## Sweep ranking\n\n" + "\n".join(sweep_md) + "\n"
     (out / "results.md").write_text(f"# metasft bench\n\n{table}", encoding="utf-8")
     write_json_atomic(result, out / "results.json")
-    plot(summary, cfg.metric, out / "adaptation.png")
+    plot(summary, cfg.metric, out / "adaptation.png",
+         shots_label="shots per class" if per_class else "n_shots (support examples)")
     written = ["results.csv", "results.json", "results.md", "adaptation.png"]
     if curves:
         plot_training_curves(curves, cfg.metric, out / "training_curves.png")

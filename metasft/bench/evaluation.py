@@ -20,7 +20,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     rate used per n_shots, and the validation rows behind the choice."""
     import torch
 
-    from metasft.adapt import adapt_rows, load_learned_rates, select_shots
+    from metasft.adapt import adapt_rows, load_learned_rates, select_shots, select_shots_per_class
     from metasft.algorithms import InnerLoop
     from metasft.checkpoint import load_pretrained
     from metasft.data.in_context import render_in_context
@@ -40,6 +40,8 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
 
     def shot_indices(task, n_shots: int, seed: int) -> list[int]:
         """The seeded draw every method and both adaptations use."""
+        if cfg.shots == "per_class":
+            return select_shots_per_class([class_label(e) for e in task.support_examples], n_shots, seed, task.name)
         if n_shots > len(task.support):
             raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
         return select_shots(len(task.support), n_shots, seed, task.name)
@@ -49,7 +51,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
         torch.manual_seed(seed)
         shots = [task.support[i] for i in shot_indices(task, n_shots, seed)]
         started = time.perf_counter()
-        adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, n_shots),
+        adapt_rows(engine, shots, steps=cfg.adapt.steps, batch_size=min(cfg.adapt.batch_size, len(shots)),
                    lr=cfg.adapt.lr if lr is None else lr, seed=seed, task=task.name, pad_token_id=tokenizer.pad_token_id,
                    optimizer=cfg.adapt.optimizer)
         adapt_seconds = time.perf_counter() - started
@@ -59,8 +61,8 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
         engine.restore()
         on_done()
         return {"method": name, "adaptation": "gradient", "task": task.name, "n_shots": n_shots, "seed": seed,
-                **{m: scores.get(m) for m in METRICS}, "adapt_lr": None if learned else lr, "shots_used": float(n_shots),
-                "shots_used_min": n_shots, "adapt_seconds": adapt_seconds}
+                **{m: scores.get(m) for m in METRICS}, "adapt_lr": None if learned else lr, "shots_used": float(len(shots)),
+                "shots_used_min": len(shots), "adapt_seconds": adapt_seconds}
 
     def score_in_context(task, n_shots: int, seed: int) -> dict:
         """The same seeded shots rendered before each query row (data.max_length permitting)."""
@@ -101,6 +103,11 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     rows += [score(task, n_shots, seed, chosen[n_shots])
              for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]
     return rows, chosen, validation_rows
+
+
+def class_label(example) -> str:
+    """An example's class for per-class shots: its response (the last turn of a conversation)."""
+    return example.response if example.messages is None else example.messages[-1][1]
 
 
 def _mean(rows: list[dict], metric: str) -> float:

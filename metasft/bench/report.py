@@ -53,8 +53,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on: list[str] | None = None) -> str:
-    lines = ["| method | adaptation | n_shots | shots used | adaptation lr | exact match | ROUGE-L | token accuracy "
+def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on: list[str] | None = None,
+                   shots_label: str = "n_shots") -> str:
+    lines = [f"| method | adaptation | {shots_label} | shots used | adaptation lr | exact match | ROUGE-L | token accuracy "
              "| query loss |", "|---|---|---|---|---|---|---|---|---|"]
     for entry in summary:
         cells = []
@@ -88,7 +89,7 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def plot(summary: list[dict], metric: str, path: Path) -> None:
+def plot(summary: list[dict], metric: str, path: Path, shots_label: str = "n_shots (support examples)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +115,7 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
         ax.set_xticks(sorted({e["n_shots"] for e in summary}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("n_shots (support examples)")
+        ax.set_xlabel(shots_label)
         ax.set_ylabel(name.replace("_", " ") + " on held-out query sets")
         ax.grid(alpha=0.3)
     _finish_figure(fig, axes, "Few-shot adaptation on held-out tasks (mean and 95% interval over tasks × seeds)", path)

@@ -52,7 +52,10 @@ class BenchConfig:
     validation_tasks: list[str] = _f([], "Tasks on which adapt.lr_grid is decided (default: the manifest's "
                                          "validation tasks); never scored in the results.")
     methods: list[MethodSpec] = _f([], "Methods to compare; base and sft are added when missing.")
-    n_shots: list[int] = _f([10, 50, 100], "Support examples given to each adaptation.")
+    n_shots: list[int] = _f([10, 50, 100], "Support examples given to each adaptation (per class with shots: per_class).")
+    shots: Literal["rows", "per_class"] = _f(
+        "rows", "How n_shots counts: rows = that many support rows drawn at random; per_class = that many rows "
+                "of every class, a class being the rows with the same response (N-way K-shot episodes).")
     adaptations: list[str] = _f(["gradient"], "How each method uses the n_shots examples: gradient (fine-tune "
                                               "with the adapt protocol) and/or in_context (the same examples "
                                               "rendered before each query row, no gradient step).")

@@ -269,3 +269,39 @@ def test_bench_refuses_unknown_adaptations(tmp_path, tiny_llama_dir, capsys):
     assert main(["bench", "--config", str(tmp_path / "b.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "adaptations" in err[0] and "prompting" in err[0]
+
+
+def make_labelled_suite(root, n_train=2, n_held_out=1, labels=("red", "blue", "green"), per_class=6):
+    """A 3-way classification suite (the response is the class), prepared with `metasft prepare`."""
+    config = {}
+    for t in range(n_train + n_held_out):
+        path = root / f"raw{t}.jsonl"
+        rows = [{"prompt": f"t{t} word {i}", "response": labels[i % len(labels)]} for i in range(per_class * len(labels))]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config[f"c{t}"] = {"input_file": str(path), "split": "train" if t < n_train else "test"}
+    (root / "tasks.json").write_text(json.dumps(config))
+    assert main(["prepare", "--config", str(root / "tasks.json"), "--output-dir", str(root / "data"),
+                 "--support-size", str(per_class * len(labels) * 2 // 3), "--query-size",
+                 str(per_class * len(labels) // 3)]) == 0
+    return root / "data"
+
+
+def test_bench_per_class_shots_give_every_class_n_rows_and_name_a_short_class(tmp_path, tiny_llama_dir, capsys):
+    """shots: per_class (N-way K-shot): n_shots rows of every class, both adaptations; the table
+    and plot say shots per class; a class with too few support rows is one line naming it."""
+    data = make_labelled_suite(tmp_path)
+    config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [1, 2], "shots": "per_class",
+              "adaptations": ["gradient", "in_context"], "adapt": {"lr": 0.1, "steps": 1, "batch_size": 4},
+              "data": {"chat_template": "none", "max_length": 256}, "output_dir": str(tmp_path / "bench"),
+              "methods": [{"name": "sft", "checkpoint": str(tiny_llama_dir)}]}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "bench" / "results.csv")))
+    assert rows and all(float(r["shots_used"]) == 3 * int(r["n_shots"]) for r in rows)  # 3 classes × n
+    assert "| shots per class |" in (tmp_path / "bench" / "results.md").read_text()
+    capsys.readouterr()
+    config["n_shots"] = [5]  # each class has 4 support rows
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n_shots: 5 per class exceeds task" in err[0] and "of class" in err[0], err
