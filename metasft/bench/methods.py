@@ -79,6 +79,25 @@ def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[R
     return resolved
 
 
+def base_with_fresh_adapters(base_model: str, like, out: Path) -> Path:
+    """The base model with LoRA adapters configured as ``like`` (a model config) and not trained:
+    lora_B starts at zero, so it computes the base's function and adapts the same parameters as a
+    LoRA method. Written once to ``out``."""
+    from metasft.config import ModelConfig
+    from metasft.model import load_model, load_tokenizer
+
+    if like.lora_rank <= 0:
+        raise ConfigError("base_adapters_from: that method trains full weights (model.lora_rank = 0), not adapters")
+    if not (out / "adapter_config.json").is_file():
+        local = Path(base_model).expanduser()
+        # The adapter records its base's path: absolute, so that it loads from any directory.
+        cfg = ModelConfig(partial_pretrain=str(local.resolve()) if local.exists() else base_model, lora_rank=like.lora_rank, lora_alpha=like.lora_alpha,
+                          lora_dropout=like.lora_dropout, target_modules=like.target_modules)
+        load_model(cfg).save_pretrained(out)
+        load_tokenizer(cfg).save_pretrained(out)
+    return out
+
+
 def _check_trainable(name: str, train_cfg, num_train_tasks: int) -> None:
     if train_cfg.meta.meta_batch_size > num_train_tasks:
         raise ConfigError(f"method {name}: meta.meta_batch_size={train_cfg.meta.meta_batch_size} is larger than the "

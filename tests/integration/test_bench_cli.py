@@ -305,3 +305,42 @@ def test_bench_per_class_shots_give_every_class_n_rows_and_name_a_short_class(tm
     assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "n_shots: 5 per class exceeds task" in err[0] and "of class" in err[0], err
+
+
+def test_bench_base_adapters_from_gives_the_base_fresh_adapters_in_the_lora_scope(tmp_path, tiny_llama_tied_dir,
+                                                                               capsys):
+    """With a head tied to the embeddings, the base cannot adapt top_layers:1 in full weights (one
+    line says so); base_adapters_from gives it the LoRA method's adapters at B = 0: the base's own
+    function (same logits), adapted in the same parameters as the method."""
+    from transformers import AutoModelForCausalLM
+
+    from metasft.checkpoint import load_pretrained
+
+    data = make_labelled_suite(tmp_path)
+    lora = ["model.lora_rank=4", "model.lora_alpha=8", "model.target_modules=[q_proj, v_proj, lm_head]"]
+    config = {"base_model": str(tiny_llama_tied_dir), "tasks_dir": str(data), "n_shots": [2],
+              "adapt": {"lr": 0.1, "steps": 1, "batch_size": 4, "inner_scope": "top_layers:1"},
+              "data": {"chat_template": "none", "max_length": 64}, "output_dir": str(tmp_path / "bench"),
+              "train_overrides": ["trainer.total_training_steps=1", "meta.meta_batch_size=2", "meta.inner_batch_size=4",
+                                  "meta.num_inner_steps=1", "meta.query_batch_size=4"],
+              "methods": [{"name": "sft", "config_name": "sft", "overrides": lora}]}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "top_layers:1" in err[0] and "tie" in err[0], err
+    config["base_adapters_from"] = "sft"
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    result = json.loads((tmp_path / "bench" / "results.json").read_text())
+    base = tmp_path / "bench" / "base_adapters"
+    assert result["methods"]["base"]["checkpoint"] == str(base)
+    assert json.loads((base / "adapter_config.json").read_text())["r"] == 4
+    assert {r["method"] for r in csv.DictReader(open(tmp_path / "bench" / "results.csv"))} == {"base", "sft"}
+    adapted, _, _ = load_pretrained(base)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir)
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    assert torch.allclose(adapted(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+    config["base_adapters_from"] = "nope"
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
+    assert "base_adapters_from: 'nope' is not a trained method" in capsys.readouterr().err
