@@ -15,7 +15,9 @@ import os
 import sys
 
 from metasft import __version__
-from metasft.errors import MetasftError
+from metasft.errors import ConfigError, MetasftError
+
+LLM_MODEL_DIR = "models/smollm2-135m"  # where `metasft models get smollm2-135m` is told to write, by the docs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,10 +120,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        from metasft import demo_llm
+
+        methods = args.methods.split(",") if args.methods else demo_llm.DEFAULT_METHODS
+        demo_llm.run_llm_demo(args.out or f"metasft-demo-{args.model}", args.steps or demo_llm.DEFAULT_STEPS, methods,
+                              args.n_shots or demo_llm.DEFAULT_N_SHOTS, args.seed, model_dir=args.model_dir,
+                              tasks_dir=args.tasks_dir, fresh=args.fresh)
+        return 0
     from metasft.demo import METHODS, run_demo
 
+    for flag, value in (("--model-dir", args.model_dir != LLM_MODEL_DIR), ("--tasks-dir", args.tasks_dir),
+                        ("--fresh", args.fresh)):
+        if value:
+            raise ConfigError(f"{flag}: only with --model (the toy demo builds its own model and suite)")
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    run_demo(args.out, args.steps, methods, args.n_shots, args.seed, args.pretrain_steps)
+    run_demo(args.out or "metasft-demo", args.steps or 300, methods, args.n_shots or [10, 50], args.seed,
+             args.pretrain_steps)
     return 0
 
 
@@ -268,20 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     p.set_defaults(func=cmd_suites)
 
-    p = sub.add_parser("demo", help="the whole pipeline on a synthetic suite and a tiny model (CPU, minutes)",
+    p = sub.add_parser("demo", help="the whole pipeline on a synthetic suite and a tiny model (CPU, minutes), "
+                                    "or with --model smollm2-135m on a real LLM and real-text tasks",
                        description="Generate the cipher suite, build and pretrain a tiny Llama, meta-train sft/fomaml/"
                                    "reptile/maml/meta_lora/metaicl on the same budget of work, benchmark them on held-out "
-                                   "tasks (gradient adaptation and in context).")
-    p.add_argument("--out", default="metasft-demo", metavar="DIR", help="output directory (default ./metasft-demo)")
+                                   "tasks (gradient adaptation and in context). With --model smollm2-135m: convert "
+                                   "SmolLM2-135M-Instruct, build the WordNet suite, meta-train the top layers' LoRA "
+                                   "adapters (docs/real_model.md) and benchmark against SFT and in-context learning.")
+    p.add_argument("--model", choices=["smollm2-135m"], default=None,
+                   help="run on this real model instead of the tiny one (docs/real_model.md)")
+    p.add_argument("--model-dir", default=LLM_MODEL_DIR, metavar="DIR",
+                   help=f"with --model: where the converted model is, or goes (default {LLM_MODEL_DIR})")
+    p.add_argument("--tasks-dir", default=None, metavar="DIR",
+                   help="with --model: a prepared N-way suite to use instead of building wordnet for --seed")
+    p.add_argument("--fresh", action="store_true",
+                   help="with --model: retrain every method from scratch (by default runs resume from their last checkpoint)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default ./metasft-demo, or ./metasft-demo-MODEL)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seeds everything random: suite keys and splits, model init, task sampling, shots (default 0)")
-    p.add_argument("--steps", type=int, default=300, metavar="N",
-                   help="work per method, in FOMAML meta-steps; others get the same forward/backward passes (default 300)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="work per method, in FOMAML meta-steps; others get the same forward/backward passes "
+                        "(default 300; with --model, steps of 4 tasks x 20 rows, default 150)")
     p.add_argument("--pretrain-steps", type=int, default=600, metavar="N",
                    help="multi-task steps that pretrain the tiny base on the transform family (default 600)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora,metaicl (the default: all of them), "
-                        "plus the opt-in fomaml_meta_sgd,maml_meta_sgd (learned inner rates)")
-    p.add_argument("--n-shots", type=int, nargs="+", default=[10, 50], metavar="N", help="default 10 50")
+                        "plus the opt-in fomaml_meta_sgd,maml_meta_sgd (learned inner rates); with --model, of "
+                        "sft,fomaml,anil,reptile,fomaml_meta_sgd (default sft,fomaml)")
+    p.add_argument("--n-shots", type=int, nargs="+", default=None, metavar="N",
+                   help="default 10 50; with --model, shots per class, default 1")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -213,24 +213,37 @@ def run_demo(out: str | Path, steps: int, methods: list[str], n_shots: list[int]
     return result
 
 
-def _verdict(result: dict, console, n_shots: int) -> None:
-    """Say plainly, per method, whether meta-learning beat multi-task SFT at the fewest shots."""
-    at = {e["method"]: e for e in result["summary"]
-          if e["n_shots"] == n_shots and e["adaptation"] == "gradient" and "exact_match" in e}
-    in_context = {e["method"]: e for e in result["summary"]
-                  if e["n_shots"] == n_shots and e["adaptation"] == "in_context" and "exact_match" in e}
+BASELINES = ("base", "sft")
+
+
+def _verdict(result: dict, console, n_shots: int, shots_word: str = "shots", against_best: bool = False) -> None:
+    """Say plainly, per method, whether meta-learning beat multi-task SFT at the fewest shots; with
+    ``against_best``, the best baseline instead: the base or SFT, adapted by gradient or in context."""
+    if n_shots == 1:
+        shots_word = shots_word.replace("shots", "shot", 1)
+    rows = [e for e in result["summary"] if e["n_shots"] == n_shots and "exact_match" in e]
+    at = {e["method"]: e for e in rows if e["adaptation"] == "gradient"}
+    in_context = {e["method"]: e for e in rows if e["adaptation"] == "in_context"}
     if in_context:
-        console.print(f"In context at {n_shots} shots (no gradient step), exact match: " + ", ".join(
+        console.print(f"In context at {n_shots} {shots_word} (no gradient step), exact match: " + ", ".join(
             f"{m} {e['exact_match']:.3f}" for m, e in in_context.items()) + ".", markup=False, highlight=False)
-    if "sft" not in at:
+    if against_best:
+        candidates = [(e, m if a == "gradient" else f"{m} in context") for a, group in
+                      (("gradient", at), ("in_context", in_context)) for m, e in group.items() if m in BASELINES]
+        if not candidates:
+            return
+        baseline, label = max(candidates, key=lambda c: c[0]["exact_match"])
+        label = f"the best baseline ({label})"
+    elif "sft" in at:
+        baseline, label = at["sft"], "multi-task SFT"
+    else:
         return
-    sft = at["sft"]
     for method, e in at.items():
-        if method in ("sft", "base"):
+        if method in BASELINES:
             continue
-        margin = e["exact_match"] - sft["exact_match"]
-        separated = e["exact_match"] - e["exact_match_ci95"] > sft["exact_match"] + sft["exact_match_ci95"]
+        margin = e["exact_match"] - baseline["exact_match"]
+        separated = e["exact_match"] - e["exact_match_ci95"] > baseline["exact_match"] + baseline["exact_match_ci95"]
         verdict = "beats" if separated else "does not beat"
-        console.print(f"At {n_shots} shots {method} {verdict} multi-task SFT on held-out tasks: exact match "
-                      f"{e['exact_match']:.3f} vs {sft['exact_match']:.3f} ({margin:+.3f}"
+        console.print(f"At {n_shots} {shots_word} {method} {verdict} {label} on held-out tasks: exact match "
+                      f"{e['exact_match']:.3f} vs {baseline['exact_match']:.3f} ({margin:+.3f}"
                       f"{', 95% intervals do not overlap' if separated else ''}).", markup=False, highlight=False)

@@ -271,14 +271,16 @@ def test_bench_refuses_unknown_adaptations(tmp_path, tiny_llama_dir, capsys):
     assert len(err) == 1 and "adaptations" in err[0] and "prompting" in err[0]
 
 
-def make_labelled_suite(root, n_train=2, n_held_out=1, labels=("red", "blue", "green"), per_class=6):
-    """A 3-way classification suite (the response is the class), prepared with `metasft prepare`."""
+def make_labelled_suite(root, n_train=2, n_held_out=1, labels=("red", "blue", "green"), per_class=6, n_validation=0):
+    """A 3-way classification suite (the response is the class), prepared with `metasft prepare`:
+    ``n_train`` training, then ``n_validation`` validation and ``n_held_out`` test tasks."""
     config = {}
-    for t in range(n_train + n_held_out):
+    for t in range(n_train + n_validation + n_held_out):
         path = root / f"raw{t}.jsonl"
         rows = [{"prompt": f"t{t} word {i}", "response": labels[i % len(labels)]} for i in range(per_class * len(labels))]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        config[f"c{t}"] = {"input_file": str(path), "split": "train" if t < n_train else "test"}
+        split = "train" if t < n_train else "validation" if t < n_train + n_validation else "test"
+        config[f"c{t}"] = {"input_file": str(path), "split": split}
     (root / "tasks.json").write_text(json.dumps(config))
     assert main(["prepare", "--config", str(root / "tasks.json"), "--output-dir", str(root / "data"),
                  "--support-size", str(per_class * len(labels) * 2 // 3), "--query-size",

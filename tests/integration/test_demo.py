@@ -103,3 +103,41 @@ def test_meta_learning_beats_multitask_sft_on_held_out_keys(tmp_path):
         assert _mean(out / "results.csv", method, "exact_match") - sft >= margin, method
     loss = {m: _mean(out / "results.csv", m, "query_loss") for m in ("fomaml", "sft")}
     assert loss["sft"] - loss["fomaml"] >= 0.5, loss
+
+
+def test_the_llm_demo_trains_its_methods_on_equal_passes_and_judges_against_the_best_baseline(
+        tmp_path, tiny_llama_dir, capsys):
+    """`metasft demo --model smollm2-135m`'s pipeline, run on a tiny model and a prepared 3-way suite
+    (the real model is docs/real_model.md's): every method passes the same rows per step; the base
+    adapts fresh adapters in the same scope; shots per class; the verdict names the best baseline;
+    a second run resumes the finished runs instead of training again."""
+    from test_bench_cli import make_labelled_suite
+
+    from metasft.bench import load_bench_config, resolve_methods
+    from metasft.demo_llm import METHODS, ROWS_PER_TASK, TASKS_PER_STEP, run_llm_demo, write_bench_config
+
+    data = make_labelled_suite(tmp_path, n_train=4, n_held_out=2, n_validation=1)
+    cfg = load_bench_config(write_bench_config(tmp_path, tiny_llama_dir, data, 7, 0, list(METHODS), [1], top_layers=1))
+    for method in resolve_methods(cfg, tmp_path, num_train_tasks=4)[1:]:
+        meta = method.train_config.meta
+        rows = {"sft": meta.inner_batch_size, "reptile": meta.inner_batch_size * meta.num_inner_steps}.get(
+            meta.algorithm, meta.inner_batch_size * meta.num_inner_steps + meta.query_batch_size)
+        assert rows == ROWS_PER_TASK and meta.meta_batch_size == TASKS_PER_STEP, method.name
+        assert method.train_config.model.train_top_layers == 1 and method.train_config.trainer.total_training_steps == 7
+
+    out = tmp_path / "demo"
+    args = dict(out=out, steps=2, methods=["fomaml"], n_shots=[1], seed=0, model_dir=tiny_llama_dir, tasks_dir=data,
+                top_layers=1)
+    result = run_llm_demo(**args)
+    printed = capsys.readouterr().out
+    assert "At 1 shot per class fomaml" in printed and "the best baseline (" in printed
+    assert result["methods"]["base"]["checkpoint"] == str(out / "base_adapters")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["method"], r["adaptation"]) for r in rows} == {
+        ("base", "gradient"), ("base", "in_context"), ("sft", "gradient"), ("sft", "in_context"), ("fomaml", "gradient")}
+    assert all(float(r["shots_used"]) == 3 for r in rows)  # 1 per class, 3 classes
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/step_2/*.safetensors")}
+    assert len(stamps) == 2
+    run_llm_demo(**args)  # resumes: nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/step_2/*.safetensors")} == stamps
+    assert "resumed from" in (out / "runs" / "fomaml.log").read_text()

@@ -77,3 +77,18 @@ def test_verdict_lines_follow_from_the_intervals():
 
 def test_no_verdict_without_the_sft_baseline():
     assert verdict_lines([entry("fomaml", 0.6, 0.1)]) == []
+
+
+def test_the_real_model_verdict_is_against_the_best_baseline_in_either_adaptation():
+    """The LLM demo compares each meta method with the best of the base and SFT, adapted by gradient
+    steps or in context: here SFT in context (0.40) beats SFT by gradient (0.25)."""
+    summary = [entry("base", 0.20, 0.02), entry("sft", 0.25, 0.03), entry("base", 0.22, 0.02, "in_context"),
+               entry("sft", 0.40, 0.05, "in_context"), entry("fomaml", 0.60, 0.10), entry("anil", 0.50, 0.06)]
+    out = io.StringIO()
+    _verdict({"summary": summary}, Console(file=out, width=300), 5, shots_word="shots per class", against_best=True)
+    lines = out.getvalue().strip().splitlines()
+    assert lines[1] == ("At 5 shots per class fomaml beats the best baseline (sft in context) on held-out tasks: "
+                        "exact match 0.600 vs 0.400 (+0.200, 95% intervals do not overlap).")
+    # 0.50 - 0.06 = 0.44 < 0.45: overlapping intervals.
+    assert lines[2].startswith("At 5 shots per class anil does not beat the best baseline (sft in context)")
+    assert len(lines) == 3
