@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast install wordnet clean
+.PHONY: demo demo-smollm2 test test-fast install wordnet clean
 
 # WordNet 3.0 for `metasft suites build wordnet` and its tests: Debian's wordnet-base (root or sudo).
 WORDNET_DIR ?= /usr/share/wordnet
@@ -30,6 +30,10 @@ wordnet:
 demo: $(VENV)/.installed
 	$(VENV)/bin/metasft demo
 
+# The real-model demo (docs/real_model.md): SmolLM2-135M-Instruct on the WordNet suite, on a CPU.
+demo-smollm2: $(VENV)/.installed wordnet
+	$(VENV)/bin/metasft demo --model smollm2-135m
+
 test: $(VENV)/.installed wordnet
 	$(PY) -m pytest -q --durations=15
 
@@ -38,4 +42,4 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q tests/unit -m "not slow" --durations=5
 
 clean:
-	rm -rf $(VENV) metasft-demo
+	rm -rf $(VENV) metasft-demo metasft-demo-smollm2-135m
