@@ -44,8 +44,7 @@ LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 ADAPT_LR_GRID = [0.003, 0.01, 0.03, 0.1]
 CURVE_POINTS = 10
 
-REAL_TRAIN = {
-    "trainer.device": "cpu",
+REAL_TRAIN = {  # trainer.device stays auto: the same command runs on a GPU when there is one
     "trainer.precision": "fp32",
     "data.max_length": 128,
     "data.chat_template": "auto",
