@@ -91,8 +91,9 @@ def base_with_fresh_adapters(base_model: str, like, out: Path) -> Path:
     if not (out / "adapter_config.json").is_file():
         local = Path(base_model).expanduser()
         # The adapter records its base's path: absolute, so that it loads from any directory.
-        cfg = ModelConfig(partial_pretrain=str(local.resolve()) if local.exists() else base_model, lora_rank=like.lora_rank, lora_alpha=like.lora_alpha,
-                          lora_dropout=like.lora_dropout, target_modules=like.target_modules)
+        cfg = ModelConfig(partial_pretrain=str(local.resolve()) if local.exists() else base_model,
+                          lora_rank=like.lora_rank, lora_alpha=like.lora_alpha, lora_dropout=like.lora_dropout,
+                          target_modules=like.target_modules)
         load_model(cfg).save_pretrained(out)
         load_tokenizer(cfg).save_pretrained(out)
     return out
