@@ -86,6 +86,7 @@ def test_generation_batched_equals_one_at_a_time(trained, tokenizer):
     assert generate(model, tok, prompts, 6, 16, torch.device("cpu")) == generate(model, tok, prompts, 6, 1, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_bench_writes_everything_and_is_reproducible(tmp_path, tiny_llama_dir, trained):
     data = make_prepared_suite(tmp_path)
     config = {
@@ -216,6 +217,7 @@ def test_bench_bad_config(tmp_path, tiny_llama_dir, change, needle, capsys):
     assert len(err) == 1 and needle in err[0], err
 
 
+@pytest.mark.slow
 def test_bench_evaluates_every_method_in_context_too(tmp_path, tiny_llama_dir, trained):
     """adaptations: [gradient, in_context] (issue 15): one in-context row per (method, task, n_shots,
     seed) beside the gradient rows; shots_used never above n_shots, and below it when data.max_length
@@ -309,6 +311,7 @@ def test_bench_per_class_shots_give_every_class_n_rows_and_name_a_short_class(tm
     assert len(err) == 1 and "n_shots: 5 per class exceeds task" in err[0] and "of class" in err[0], err
 
 
+@pytest.mark.slow
 def test_bench_base_adapters_from_gives_the_base_fresh_adapters_in_the_lora_scope(tmp_path, tiny_llama_tied_dir,
                                                                                capsys):
     """With a head tied to the embeddings, the base cannot adapt top_layers:1 in full weights (one

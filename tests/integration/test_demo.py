@@ -14,6 +14,7 @@ def _mean(path, method: str, metric: str, n_shots: str = "10", adaptation: str =
     return sum(values) / len(values)
 
 
+@pytest.mark.slow
 def test_demo_same_seed_same_results_and_every_stage_written(tmp_path):
     """A small budget twice with one seed: identical results.csv, whatever the machine's speed."""
     args = ["demo", "--steps", "2", "--pretrain-steps", "3", "--methods", "sft", "--n-shots", "10", "--seed", "7"]
@@ -105,6 +106,7 @@ def test_meta_learning_beats_multitask_sft_on_held_out_keys(tmp_path):
     assert loss["sft"] - loss["fomaml"] >= 0.5, loss
 
 
+@pytest.mark.slow
 def test_the_llm_demo_trains_its_methods_on_equal_passes_and_judges_against_the_best_baseline(
         tmp_path, tiny_llama_dir, capsys):
     """`metasft demo --model smollm2-135m`'s pipeline, run on a tiny model and a prepared 3-way suite
