@@ -221,8 +221,9 @@ class PrefixCache:
 
     In memory by default. With ``directory`` each row is a file under a subfolder named by a
     fingerprint of the frozen layers (their shapes and weight sums, and ``cut``; a LoRA adapter still
-    at B = 0 counts without its random A), so runs of the same frozen model, whatever their seed, share
-    one folder and a different model can never read another's states."""
+    at B = 0 does not count: it is a no-op at any rank), so runs of the same frozen model, whatever
+    their seed or adapter rank, share one folder and a different model can never read another's
+    states."""
 
     def __init__(self, window: LayerWindow, cut: int, directory: str | os.PathLike | None = None):
         self.window, self.cut = window, cut
@@ -244,10 +245,11 @@ class PrefixCache:
             params = dict(module.named_parameters())
             for name, param in params.items():
                 # A LoRA adapter whose B is zero (as every adapter starts, and as the frozen layers'
-                # stay) is a no-op whatever its randomly drawn A: leave A out, so runs with another
-                # seed share the states they would compute identically.
-                paired_b = params.get(name.replace(".lora_A.", ".lora_B.")) if ".lora_A." in name else None
-                if paired_b is not None and not paired_b.any():
+                # stay) is a no-op whatever its randomly drawn A and its rank: leave it out, so runs
+                # with another seed or rank share the states they would compute identically.
+                b = params.get(name.replace(".lora_A.", ".lora_B.")) if ".lora_A." in name else \
+                    param if ".lora_B." in name else None
+                if b is not None and not b.any():
                     continue
                 digest.update(f"{name}{tuple(param.shape)}{param.dtype}{float(param.double().sum())!r}".encode())
         return digest.hexdigest()[:20]

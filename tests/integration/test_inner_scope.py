@@ -217,9 +217,9 @@ def test_the_prefix_cache_on_disk_equals_memory_and_is_shared_by_fingerprint(tmp
     assert len(list(shared.iterdir())) == 2
 
 
-def test_lora_runs_with_other_seeds_share_the_cache_but_a_trained_lower_adapter_does_not(tmp_path, tiny_llama_dir):
+def test_lora_runs_with_other_seeds_or_ranks_share_the_cache_but_a_trained_lower_adapter_does_not(tmp_path, tiny_llama_dir):
     """The frozen layers' LoRA adapters start at B = 0 with a seeded random A: a no-op, so runs with
-    another seed compute the same states and must find them; an adapter with B != 0 below the cut
+    another seed or rank compute the same states and must find them; an adapter with B != 0 below the cut
     changes the states and must get a folder of its own."""
     import peft
     from transformers import AutoModelForCausalLM
@@ -246,6 +246,9 @@ def test_lora_runs_with_other_seeds_share_the_cache_but_a_trained_lower_adapter_
         if hasattr(module, "lora_A"):
             torch.nn.init.normal_(module.lora_A["default"].weight)  # another random A: still a no-op
     assert PrefixCache(window, cut=1).fingerprint() == before
+    other_rank = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                     peft.LoraConfig(r=16, target_modules=["q_proj"]))
+    assert PrefixCache(LayerWindow(other_rank), cut=1).fingerprint() == before  # a no-op at any rank
     with torch.no_grad():
         window.parts.layers[0].self_attn.q_proj.lora_B["default"].weight.fill_(0.01)
     assert PrefixCache(window, cut=1).fingerprint() != before
