@@ -124,7 +124,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from metasft import demo_llm
 
         methods = args.methods.split(",") if args.methods else demo_llm.DEFAULT_METHODS
-        demo_llm.run_llm_demo(args.out or f"metasft-demo-{args.model}", args.steps or demo_llm.DEFAULT_STEPS, methods,
+        steps = demo_llm.DEFAULT_STEPS if args.steps is None else args.steps
+        demo_llm.run_llm_demo(args.out or f"metasft-demo-{args.model}", steps, methods,
                               args.n_shots or demo_llm.DEFAULT_N_SHOTS, args.seed, model_dir=args.model_dir,
                               tasks_dir=args.tasks_dir, fresh=args.fresh)
         return 0
@@ -135,8 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if value:
             raise ConfigError(f"{flag}: only with --model (the toy demo builds its own model and suite)")
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    run_demo(args.out or "metasft-demo", args.steps or 300, methods, args.n_shots or [10, 50], args.seed,
-             args.pretrain_steps)
+    run_demo(args.out or "metasft-demo", 300 if args.steps is None else args.steps, methods, args.n_shots or [10, 50],
+             args.seed, args.pretrain_steps)
     return 0
 
 

@@ -131,6 +131,11 @@ CASES = {
     # demo
     "demo: zero steps": (lambda w: ["demo", "--steps", "0", "--out", str(w["root"] / "demo")], "--steps: 0 must be >= 1"),
     "demo: unknown method": (lambda w: ["demo", "--methods", "fomaml,magic", "--out", str(w["root"] / "demo")], "unknown method 'magic'"),
+    "demo: real model, zero steps": (lambda w: ["demo", "--model", "smollm2-135m", "--steps", "0", "--out", str(w["root"] / "demo")],
+                                     "--steps: 0 must be >= 1"),
+    "demo: real model, unknown method": (lambda w: ["demo", "--model", "smollm2-135m", "--methods", "maml", "--out",
+                                                    str(w["root"] / "demo")], "unknown method 'maml' for --model smollm2-135m"),
+    "demo: --fresh without --model": (lambda w: ["demo", "--fresh", "--out", str(w["root"] / "demo")], "--fresh: only with --model"),
 }
 
 
