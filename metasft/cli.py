@@ -129,15 +129,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                               args.n_shots or demo_llm.DEFAULT_N_SHOTS, args.seed, model_dir=args.model_dir,
                               tasks_dir=args.tasks_dir, fresh=args.fresh)
         return 0
-    from metasft.demo import METHODS, run_demo
+    from metasft.demo import DEFAULT_N_SHOTS, DEFAULT_STEPS, METHODS, run_demo
 
     for flag, value in (("--model-dir", args.model_dir != LLM_MODEL_DIR), ("--tasks-dir", args.tasks_dir),
                         ("--fresh", args.fresh)):
         if value:
             raise ConfigError(f"{flag}: only with --model (the toy demo builds its own model and suite)")
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    run_demo(args.out or "metasft-demo", 300 if args.steps is None else args.steps, methods, args.n_shots or [10, 50],
-             args.seed, args.pretrain_steps)
+    run_demo(args.out or "metasft-demo", DEFAULT_STEPS if args.steps is None else args.steps, methods,
+             args.n_shots or DEFAULT_N_SHOTS, args.seed, args.pretrain_steps)
     return 0
 
 

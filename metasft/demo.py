@@ -90,6 +90,7 @@ ALL_METHODS = {**METHODS, **OPTIONAL_METHODS}
 IN_CONTEXT_METHODS = ("sft", "metaicl")  # evaluated in context too, with the pretrained base
 ADAPT_LR_GRID = [0.03, 0.1, 0.3]  # each method's adaptation lr, chosen on the validation tasks
 NUM_TRAIN, NUM_VALIDATION, NUM_TEST = 200, 10, 20
+DEFAULT_STEPS, DEFAULT_N_SHOTS = 300, [10, 50]  # `metasft demo` without --steps / --n-shots
 CURVE_POINTS = 10
 
 
