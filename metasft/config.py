@@ -54,6 +54,11 @@ class ModelConfig:
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = lora_alpha / lora_rank).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
     target_modules: Union[str, list[str]] = _f("all-linear", "Modules that get LoRA adapters: a list of names, or 'all-linear' (every linear layer but the output head).")
+    lora_full_head: bool = _f(False, "Give lm_head (which must be in target_modules) a full-rank adapter: rank = "
+                                     "hidden size, lora_A = identity, lora_B = 0, scale 1. It is a zero-initialised "
+                                     "head delta kept apart from tied embeddings; one SGD step on it from zero is a "
+                                     "prototype classifier over the full features, where a low-rank head adapter "
+                                     "sees them through a random projection.")
     enable_gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     use_fsdp: bool = _f(False, "Shard parameters with FSDP2 across ranks instead of task-parallel replicas.")
     train_top_layers: Optional[int] = _f(None, "Meta-learn only the last N decoder layers, the final norm and the head "
@@ -246,6 +251,10 @@ class Config:
             raise ConfigError(f"model.lora_dropout: {model.lora_dropout} must be in [0, 1)")
         if isinstance(model.target_modules, list) and not model.target_modules:
             raise ConfigError("model.target_modules: empty list; name modules or use 'all-linear'")
+        if model.lora_full_head and (model.lora_rank <= 0 or model.target_modules == "all-linear"
+                                     or "lm_head" not in model.target_modules):
+            raise ConfigError("model.lora_full_head: needs LoRA (model.lora_rank > 0) with lm_head in "
+                              "model.target_modules")
         if model.use_fsdp and algorithm.second_order:
             raise ConfigError(
                 "model.use_fsdp: second-order maml is not supported under FSDP; "

@@ -172,11 +172,16 @@ def apply_lora(model, model_cfg):
     target_modules = model_cfg.target_modules
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    full_head = bool(getattr(model_cfg, "lora_full_head", False))
+    # A full head adapter: rank = alpha = hidden size (scale 1); lora_A is set to the identity below.
+    hidden = model.get_output_embeddings().in_features if full_head else 0
     lora_config = LoraConfig(
         r=int(model_cfg.lora_rank),
         lora_alpha=model_cfg.lora_alpha,
         lora_dropout=float(model_cfg.lora_dropout),
         target_modules=target_modules,
+        rank_pattern={"lm_head": hidden} if full_head else {},
+        alpha_pattern={"lm_head": hidden} if full_head else {},
         task_type="CAUSAL_LM",
     )
     try:
@@ -184,10 +189,15 @@ def apply_lora(model, model_cfg):
             # peft 0.21 reads the `is_gradient_checkpointing` property that transformers 5 deprecated;
             # the warning is about peft's internals, not something the user can act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, lora_config)
+            peft_model = get_peft_model(model, lora_config)
     except ValueError as exc:
         # e.g. "Target modules {'q'} not found in the base model."
         raise MetasftError(f"model.target_modules: {_short_reason(exc)}") from exc
+    if full_head:
+        head = peft_model.get_output_embeddings()
+        with torch.no_grad():
+            head.lora_A["default"].weight.copy_(torch.eye(hidden, dtype=head.lora_A["default"].weight.dtype))
+    return peft_model
 
 
 def is_peft_model(model) -> bool:

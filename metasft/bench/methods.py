@@ -93,7 +93,7 @@ def base_with_fresh_adapters(base_model: str, like, out: Path) -> Path:
         # The adapter records its base's path: absolute, so that it loads from any directory.
         cfg = ModelConfig(partial_pretrain=str(local.resolve()) if local.exists() else base_model,
                           lora_rank=like.lora_rank, lora_alpha=like.lora_alpha, lora_dropout=like.lora_dropout,
-                          target_modules=like.target_modules)
+                          target_modules=like.target_modules, lora_full_head=like.lora_full_head)
         load_model(cfg).save_pretrained(out)
         load_tokenizer(cfg).save_pretrained(out)
     return out

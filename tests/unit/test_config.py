@@ -58,10 +58,18 @@ def test_seed_use_fomaml_selects_algorithm():
     ("model.use_fsdp=maybe", "model.use_fsdp: expected true or false"),
     ("meta.tasks=[{name: a/b, support_files: [x], query_files: [y]}]", "meta.tasks\\[0\\].name"),
     ("noequals", "overrides are written key=value"),
+    ("model.lora_full_head=true", "model.lora_full_head: needs LoRA"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_a_full_head_adapter_needs_lm_head_among_the_targets():
+    lora = ["model.lora_rank=4", "model.lora_full_head=true"]
+    with pytest.raises(ConfigError, match="model.lora_full_head: needs LoRA"):
+        load_config(overrides=lora + ["model.target_modules=[q_proj]"])
+    assert load_config(overrides=lora + ["model.target_modules=[q_proj, lm_head]"]).model.lora_full_head
 
 
 def test_contradictions_are_refused():

@@ -31,6 +31,7 @@ def make_cfg(path, **overrides):
         lora_dropout=0.0,
         target_modules="all-linear",
         enable_gradient_checkpointing=False,
+        lora_full_head=False,
     )
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
@@ -111,6 +112,37 @@ def test_lora_only_adapters_trainable(tiny_llama_dir):
     tok = build_tokenizer()
     base = load_model(make_cfg(tiny_llama_dir))
     torch.testing.assert_close(logits_of(model, tok), logits_of(base, tok))
+
+
+def test_a_full_head_adapter_steps_like_an_untied_full_head(tiny_llama_tied_dir):
+    """lora_full_head: rank = hidden, A = I, scale 1, so one SGD step on lora_B from zero moves the logits
+    exactly as a step on a full, untied head weight would. Reference: the closed-form cross-entropy
+    gradient of h @ W.T in float64, with h the base model's final features."""
+    model = load_model(make_cfg(tiny_llama_tied_dir, lora_rank=2, lora_full_head=True,
+                                target_modules=["q_proj", "lm_head"]))
+    tok = build_tokenizer()
+    ids = tok(FIXED_TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    head = model.get_output_embeddings()
+    hidden = model.config.hidden_size
+    assert head.lora_A["default"].weight.shape == (hidden, hidden) and head.scaling["default"] == 1.0
+    assert model.get_input_embeddings().weight is head.base_layer.weight  # the embeddings stay tied
+    with torch.no_grad(), model.disable_adapter():
+        out = model(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(logits_of(model, tok), out.logits)  # B = 0: the base's function
+    h = out.hidden_states[-1][0, :-1].double()
+    targets = ids[0, 1:]
+    weight = head.base_layer.weight.detach().double()
+    lr = 0.5
+    probs = torch.softmax(h @ weight.T, dim=-1)
+    grad = (probs - torch.nn.functional.one_hot(targets, weight.shape[0]).double()).T @ h / len(targets)
+    expected = out.hidden_states[-1][0].double() @ (weight - lr * grad).T
+
+    logits = model(input_ids=ids).logits[0, :-1]
+    torch.nn.functional.cross_entropy(logits, targets).backward()
+    with torch.no_grad():
+        b = head.lora_B["default"].weight
+        b -= lr * b.grad
+    torch.testing.assert_close(logits_of(model, tok)[0].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_all_linear_skips_lm_head(tiny_qwen2_dir):
