@@ -76,14 +76,16 @@ def test_demo_seed_changes_the_suite_and_its_keys_exclude_the_pretraining_family
     assert keys[7] != keys[8]
 
 
-# Margins in exact match over multi-task SFT at 10 shots that every seed cleared (seeds 0-4 of the
-# same command, docs/demo.md "Results: five seeds"): FOMAML +0.539, Reptile +0.989, META-LoRA +0.814.
-# The test asks for less than the worst seed gave, and for a margin SFT itself could not reach by
-# chance (SFT sits at 0.000-0.011). Those seeds ran on an AMD EPYC; on an AVX-512 Xeon this test's
-# seed 1 gave FOMAML +0.714, Reptile +0.983, META-LoRA +0.592 (other rounding, other checkpoints
-# chosen: docs/demo.md), so META-LoRA's 0.5 has the least room. MAML (K = 1) gave +0.001 on seed 4 (bistable on this suite), so no
-# margin holds for it across seeds and the README does not claim one.
-EFFECT_MARGINS = {"fomaml": 0.3, "reptile": 0.6, "meta_lora": 0.5}
+# Margins in exact match over multi-task SFT at 10 shots, this test's command for seeds 0-4 on a 2-core
+# Intel Xeon with AVX-512 (docs/demo.md "This test's command on five seeds"): FOMAML +0.622 to +0.922,
+# Reptile +0.074 to +0.983, META-LoRA +0.592 to +0.997. Each margin is below the worst seed there and
+# below the worst of the five AMD EPYC seeds of the default demo (FOMAML +0.539, META-LoRA +0.814), and
+# above what a broken inner loop gave (+0.002 to +0.003: DEVELOPING.md). Reptile is bimodal on this
+# suite (seed 1 +0.983, the others +0.074 to +0.327), so its exact-match margin is small; the query-loss
+# margin below (worst seed 0.686 nats for Reptile) is what holds it. MAML (K = 1) gave +0.001 on one
+# seed (bistable), so no margin holds for it and the README does not claim one.
+EFFECT_MARGINS = {"fomaml": 0.3, "reptile": 0.05, "meta_lora": 0.5}
+LOSS_MARGIN = 0.5  # nats of query loss under SFT's; the worst of the five seeds above gave 0.686
 
 
 @pytest.mark.slow
@@ -102,8 +104,8 @@ def test_meta_learning_beats_multitask_sft_on_held_out_keys(tmp_path):
     sft = _mean(out / "results.csv", "sft", "exact_match")
     for method, margin in EFFECT_MARGINS.items():
         assert _mean(out / "results.csv", method, "exact_match") - sft >= margin, method
-    loss = {m: _mean(out / "results.csv", m, "query_loss") for m in ("fomaml", "sft")}
-    assert loss["sft"] - loss["fomaml"] >= 0.5, loss
+    loss = {m: _mean(out / "results.csv", m, "query_loss") for m in methods + ["sft"]}
+    assert all(loss["sft"] - loss[m] >= LOSS_MARGIN for m in methods), loss
 
 
 @pytest.mark.slow
