@@ -349,3 +349,25 @@ def test_bench_base_adapters_from_gives_the_base_fresh_adapters_in_the_lora_scop
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
     assert "base_adapters_from: 'nope' is not a trained method" in capsys.readouterr().err
+
+
+def test_fresh_base_adapters_keep_a_full_head_and_reload_as_the_base(tmp_path, tiny_llama_tied_dir):
+    """base_adapters_from with model.lora_full_head: the saved base has the full-rank head adapter
+    (rank = hidden, A = I, B = 0), and loads back as a checkpoint computing the base's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from metasft.bench.methods import base_with_fresh_adapters
+    from metasft.checkpoint import load_pretrained
+    from metasft.config import ModelConfig
+
+    like = ModelConfig(lora_rank=2, lora_alpha=4, target_modules=["lm_head"], lora_full_head=True)
+    out = base_with_fresh_adapters(str(tiny_llama_tied_dir), like, tmp_path / "base_adapters")
+    adapted, _, _ = load_pretrained(out)
+    hidden = adapted.config.hidden_size
+    assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"] == {"lm_head": hidden}
+    head = adapted.get_output_embeddings()
+    assert torch.equal(head.lora_A["default"].weight, torch.eye(hidden))
+    assert not head.lora_B["default"].weight.any()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir)
+    assert torch.allclose(adapted(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
