@@ -251,8 +251,8 @@ class Config:
             raise ConfigError(f"model.lora_dropout: {model.lora_dropout} must be in [0, 1)")
         if isinstance(model.target_modules, list) and not model.target_modules:
             raise ConfigError("model.target_modules: empty list; name modules or use 'all-linear'")
-        if model.lora_full_head and (model.lora_rank <= 0 or model.target_modules == "all-linear"
-                                     or "lm_head" not in model.target_modules):
+        # "all-linear" leaves lm_head out, and names no lm_head either
+        if model.lora_full_head and (model.lora_rank <= 0 or "lm_head" not in model.target_modules):
             raise ConfigError("model.lora_full_head: needs LoRA (model.lora_rank > 0) with lm_head in "
                               "model.target_modules")
         if model.use_fsdp and algorithm.second_order:
