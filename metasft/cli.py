@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' own progress bars (loading/writing shards) would interleave with ours; child
     # processes (torchrun ranks, bench trainings) inherit the setting.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # MKL (torch's CPU BLAS) may otherwise use fewer threads than asked on a busy machine, which
+    # reorders its sums: Intel lists MKL_DYNAMIC=FALSE among its run-to-run reproducibility
+    # conditions. A bench re-run with the same seed once differed in the 7th digit on CI without it.
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    os.environ.setdefault("OMP_DYNAMIC", "FALSE")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As `metasft` sets for itself (cli.main): MKL keeps the thread count it is given, so re-runs match.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import pytest  # noqa: E402
 

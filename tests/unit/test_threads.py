@@ -35,3 +35,23 @@ def test_cpu_affinity_limits_the_cores_a_command_uses():
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["1", "1"]
+
+
+def test_the_cli_pins_mkl_thread_count_for_itself_and_its_children(monkeypatch):
+    # MKL_DYNAMIC=TRUE (MKL's default) lets it use fewer threads on a busy machine, which reorders
+    # sums: a same-seed bench re-run once differed in the 7th digit on CI. Children inherit it.
+    from metasft.cli import main
+
+    monkeypatch.delenv("MKL_DYNAMIC", raising=False)
+    monkeypatch.delenv("OMP_DYNAMIC", raising=False)
+    try:
+        main(["--version"])
+    except SystemExit:
+        pass
+    assert os.environ["MKL_DYNAMIC"] == "FALSE" and os.environ["OMP_DYNAMIC"] == "FALSE"
+    monkeypatch.setenv("MKL_DYNAMIC", "TRUE")  # a user's explicit choice wins
+    try:
+        main(["--version"])
+    except SystemExit:
+        pass
+    assert os.environ["MKL_DYNAMIC"] == "TRUE"
