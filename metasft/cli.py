@@ -289,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the cipher suite, build and pretrain a tiny Llama, meta-train sft/fomaml/"
                                    "reptile/maml/meta_lora/metaicl on the same budget of work, benchmark them on held-out "
                                    "tasks (gradient adaptation and in context). With --model smollm2-135m: convert "
-                                   "SmolLM2-135M-Instruct, build the WordNet suite, meta-train the top layers' LoRA "
-                                   "adapters (docs/real_model.md) and benchmark against SFT and in-context learning.")
+                                   "SmolLM2-135M-Instruct, build the WordNet suite, meta-train a full-rank head adapter over the "
+                                   "frozen, cached layers (ANIL; docs/real_model.md) and benchmark against SFT and "
+                                   "in-context learning.")
     p.add_argument("--model", choices=["smollm2-135m"], default=None,
                    help="run on this real model instead of the tiny one (docs/real_model.md)")
     p.add_argument("--model-dir", default=LLM_MODEL_DIR, metavar="DIR",
@@ -305,12 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds everything random: suite keys and splits, model init, task sampling, shots (default 0)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="work per method, in FOMAML meta-steps; others get the same forward/backward passes "
-                        "(default 300; with --model, steps of 4 tasks x 20 rows, default 150)")
+                        "(default 300; with --model, steps of 4 tasks x 20 rows, default 500)")
     p.add_argument("--pretrain-steps", type=int, default=600, metavar="N",
                    help="multi-task steps that pretrain the tiny base on the transform family (default 600)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora,metaicl (the default: all of them), "
                         "plus the opt-in fomaml_meta_sgd,maml_meta_sgd (learned inner rates); with --model, of "
-                        "sft,fomaml,anil,reptile,fomaml_meta_sgd (default sft,fomaml)")
+                        "sft,fomaml,anil,reptile,fomaml_meta_sgd (default sft,anil)")
     p.add_argument("--n-shots", type=int, nargs="+", default=None, metavar="N",
                    help="default 10 50; with --model, shots per class, default 1")
     _add_common(p)

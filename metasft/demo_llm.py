@@ -1,19 +1,22 @@
 """``metasft demo --model smollm2-135m``: the pipeline on a real pretrained LLM, on a 2-core CPU.
 
     metasft demo --model smollm2-135m                          # ./metasft-demo-smollm2-135m, seed 0
-    metasft demo --model smollm2-135m --steps 1000 --n-shots 1 5 --methods sft,fomaml,anil   # the experiment
+    metasft demo --model smollm2-135m --steps 1000 --n-shots 1 5 --methods sft,anil,fomaml,reptile
 
 1. converts SmolLM2-135M-Instruct with ``metasft models get`` (once, into ``--model-dir``);
 2. builds the ``wordnet`` suite for ``--seed`` (or takes ``--tasks-dir``, any prepared N-way suite):
    5-way tasks whose label words are drawn per task, categories disjoint across meta-training,
    validation and held-out tasks;
-3. trains each method from the same model: LoRA r8 on every linear layer and the head, only the top
-   ``TOP_LAYERS`` decoder layers trained, the frozen layers below computed once per row into a prefix
-   cache all methods share (``out/prefix_cache``); two methods at a time, one thread each;
+3. trains each method from the same model. Only a full-rank adapter of the output head is trained
+   (``model.lora_full_head``: a zero-initialised head delta B·A with A a 576 × 576 matrix that starts
+   at the identity), so every decoder layer is frozen and computed once per row into a prefix cache
+   all methods share (``out/prefix_cache``); two methods at a time, one thread each. ANIL (MAML with
+   the head as the inner scope) meta-learns A, the metric in which a head step on B compares rows:
+   docs/real_model.md, experiment 3, measured why the frozen features need one;
 4. benchmarks them and the base on the held-out tasks (``metasft bench``): every model adapted with
-   the same protocol (3 SGD steps on the top layers' adapters, the rate chosen per method on the
-   validation tasks, shots drawn per class), the base and SFT also in context; prints the table, the
-   verdict lines and writes ``adaptation.png`` and ``training_curves.png``.
+   the same protocol (3 SGD steps on the head adapter, the rate chosen per method on the validation
+   tasks, shots drawn per class), the base and SFT also in context; prints the table, the verdict
+   lines and writes ``adaptation.png`` and ``training_curves.png``.
 
 **Budget in passes.** Every method passes ``TASKS_PER_STEP`` tasks × ``ROWS_PER_TASK`` rows forward
 and backward per step, ``--steps`` steps: a meta-step is K = 3 inner steps of 5 support rows and
@@ -34,13 +37,13 @@ import yaml
 from metasft.demo import _override, _verdict
 
 MODEL = "smollm2-135m"
-TOP_LAYERS = 4
+TOP_LAYERS = 4       # model.train_top_layers: with the adapter on the head alone, no layer trains
 K = 3                # inner steps, and adaptation steps in the benchmark
 INNER_LR = 0.01      # the meta-learned methods' inner SGD rate
 TASKS_PER_STEP = 4
 ROWS = 5             # support rows per inner step, query rows per meta-step
 ROWS_PER_TASK = ROWS * (K + 1)
-LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+LORA_MODULES = ["lm_head"]  # with model.lora_full_head: the head delta only (experiment 3)
 ADAPT_LR_GRID = [0.003, 0.01, 0.03, 0.1]
 CURVE_POINTS = 10
 
@@ -51,6 +54,7 @@ REAL_TRAIN = {  # trainer.device stays auto: the same command runs on a GPU when
     "model.lora_rank": 8,
     "model.lora_alpha": 16,
     "model.target_modules": LORA_MODULES,
+    "model.lora_full_head": True,
     "meta.meta_batch_size": TASKS_PER_STEP,
     "meta.num_inner_steps": K,
     "meta.inner_lr": INNER_LR,
@@ -72,8 +76,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "fomaml_meta_sgd": ("fomaml", {"meta.inner_batch_size": ROWS, "meta.query_batch_size": ROWS,
                                    "meta.learn_inner_lr": "per_tensor", "meta.inner_lr_lr": 1e-3}),
 }
-DEFAULT_METHODS = ["sft", "fomaml"]
-DEFAULT_STEPS = 150
+DEFAULT_METHODS = ["sft", "anil"]
+DEFAULT_STEPS = 500  # experiment 3's budget: ANIL's held-out gap over SFT showed there (docs/real_model.md)
 DEFAULT_N_SHOTS = [1]
 IN_CONTEXT_METHODS = ("sft",)  # and the base: with the shots in the prompt
 
@@ -92,7 +96,7 @@ def write_bench_config(out: Path, model_dir: Path, tasks_dir: Path, steps: int, 
         "seeds": [seed],
         "adaptations": ["gradient", "in_context"],
         "adapt": {"optimizer": "sgd", "lr_grid": ADAPT_LR_GRID, "steps": K, "batch_size": ROWS,
-                  "inner_scope": f"top_layers:{top_layers}"},
+                  "inner_scope": "head"},
         # The base adapts the same adapters as the trained methods (its head is tied: docs/bench.md).
         "base_adapters_from": "sft",
         "eval": {"batch_size": 25, "max_query_rows": 25, "max_new_tokens": 4},

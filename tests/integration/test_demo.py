@@ -128,6 +128,10 @@ def test_the_llm_demo_trains_its_methods_on_equal_passes_and_judges_against_the_
             meta.algorithm, meta.inner_batch_size * meta.num_inner_steps + meta.query_batch_size)
         assert rows == ROWS_PER_TASK and meta.meta_batch_size == TASKS_PER_STEP, method.name
         assert method.train_config.model.train_top_layers == 1 and method.train_config.trainer.total_training_steps == 7
+        # Experiment 3's setting: a full-rank head adapter only, every layer frozen (and cached).
+        model = method.train_config.model
+        assert model.lora_full_head and list(model.target_modules) == ["lm_head"], method.name
+    assert str(cfg.adapt.inner_scope) == "head"
 
     out = tmp_path / "demo"
     args = dict(out=out, steps=2, methods=["fomaml"], n_shots=[1], seed=0, model_dir=tiny_llama_dir, tasks_dir=data,
