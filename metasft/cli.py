@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds everything random: suite keys and splits, model init, task sampling, shots (default 0)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="work per method, in FOMAML meta-steps; others get the same forward/backward passes "
-                        "(default 300; with --model, steps of 4 tasks x 20 rows, default 500)")
+                        "(default 300; with --model, steps of 4 tasks x 20 rows, default 250)")
     p.add_argument("--pretrain-steps", type=int, default=600, metavar="N",
                    help="multi-task steps that pretrain the tiny base on the transform family (default 600)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora,metaicl (the default: all of them), "

@@ -1,0 +1,110 @@
+"""Experiment 3 over seeds and budgets: one table and one plot from several `metasft bench` outputs.
+
+    python experiments/smollm2_wordnet_top4/seeds.py OUT SEED:STEPS=BENCH_DIR[,BENCH_DIR...] ...
+
+Each argument names a suite-and-training seed, the meta-steps its checkpoints had, and the bench
+output folders that scored them (gradient and in-context runs may be separate folders; their
+``results.json`` summaries are merged, the base's and SFT's in-context rows being independent of
+the budget). Writes ``OUT/seeds.csv`` (one row per seed, budget, method, adaptation, shots),
+``OUT/seeds.md`` (the same, with each row's 95% interval and ANIL's margin over the best baseline at
+that seed and budget) and ``OUT/seeds.png`` (held-out exact match at 1 shot per class against
+meta-steps, one panel per seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def load(spec: str) -> list[dict]:
+    head, _, dirs = spec.partition("=")
+    seed, _, steps = head.partition(":")
+    rows = []
+    for folder in dirs.split(","):
+        for entry in json.loads((Path(folder) / "results.json").read_text())["summary"]:
+            rows.append({"seed": int(seed), "steps": int(steps), "method": entry["method"],
+                         "adaptation": entry["adaptation"], "shots_per_class": entry["n_shots"],
+                         "tasks": entry["n"], "exact_match": entry["exact_match"],
+                         "exact_match_ci95": entry["exact_match_ci95"], "query_loss": entry["query_loss"],
+                         "query_loss_ci95": entry["query_loss_ci95"], "source": folder})
+    return rows
+
+
+def margins(rows: list[dict], meta: str = "anil", shots: int = 1) -> list[dict]:
+    """ANIL's exact match minus the best baseline's (every other method and adaptation), per seed and
+    budget, and whether the two 95% intervals are apart."""
+    out = []
+    for seed, steps in sorted({(r["seed"], r["steps"]) for r in rows}):
+        group = [r for r in rows if (r["seed"], r["steps"], r["shots_per_class"]) == (seed, steps, shots)]
+        mine = [r for r in group if r["method"] == meta]
+        others = [r for r in group if r["method"] != meta]
+        if not mine or not others:
+            continue
+        best = max(others, key=lambda r: r["exact_match"])
+        m = mine[0]
+        low = m["exact_match"] - m["exact_match_ci95"]
+        apart = low > best["exact_match"] + best["exact_match_ci95"]
+        apart_all = all(low > r["exact_match"] + r["exact_match_ci95"] for r in others)
+        out.append({"seed": seed, "steps": steps, "anil": m["exact_match"],
+                    "best_baseline": f"{best['method']} ({best['adaptation']})", "baseline": best["exact_match"],
+                    "margin": m["exact_match"] - best["exact_match"], "intervals_apart": apart,
+                    "apart_from_all": apart_all})
+    return out
+
+
+def main(argv: list[str]) -> None:
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for spec in argv[1:] for r in load(spec)]
+    rows.sort(key=lambda r: (r["seed"], r["steps"], r["shots_per_class"], r["method"], r["adaptation"]))
+    fields = [k for k in rows[0] if k != "source"]
+    with open(out / "seeds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| seed | meta-steps | method | adaptation | shots per class | exact match | query loss |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['steps']} | {r['method']} | {r['adaptation']} | {r['shots_per_class']} | "
+                     f"{r['exact_match']:.3f} ± {r['exact_match_ci95']:.3f} | {r['query_loss']:.2f} |")
+    lines += ["", "ANIL against the best baseline at 1 shot per class (exact match; intervals: 95%, over the 10 held-out tasks):", "",
+              "| seed | meta-steps | ANIL | best baseline | its score | margin | intervals apart | apart from every baseline |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in margins(rows):
+        lines.append(f"| {m['seed']} | {m['steps']} | {m['anil']:.3f} | {m['best_baseline']} | {m['baseline']:.3f} | "
+                     f"{m['margin']:+.3f} | {'yes' if m['intervals_apart'] else 'no'} | {'yes' if m['apart_from_all'] else 'no'} |")
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "seeds.png")
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({r["seed"] for r in rows})
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.5 * len(seeds), 3.6), sharey=True, squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        mine = [r for r in rows if r["seed"] == seed and r["shots_per_class"] == 1]
+        for method, adaptation in sorted({(r["method"], r["adaptation"]) for r in mine}):
+            points = sorted((r["steps"], r["exact_match"], r["exact_match_ci95"]) for r in mine
+                            if (r["method"], r["adaptation"]) == (method, adaptation))
+            steps = [p[0] for p in points]
+            ax.errorbar(steps, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
+                        label=f"{method} ({adaptation})")
+        ax.axhline(0.2, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"suite and training seed {seed}")
+        ax.set_xlabel("meta-steps (4 tasks x 20 rows)")
+    axes[0][0].set_ylabel("held-out exact match, 1 shot per class")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
