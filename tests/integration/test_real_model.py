@@ -318,3 +318,34 @@ def test_batched_bf16_step_on_smollm2_is_as_close_to_fp32_as_the_sequential_bf16
     sequential = _relative(update["bf16_sequential"], update["fp32_sequential"])
     batched = _relative(update["bf16_batched"], update["fp32_sequential"])
     assert 0 < sequential <= 0.2 and 0 < batched <= 1.5 * sequential, (sequential, batched)
+
+
+def guard_bench_config(model_dir, suite_dir, out_dir, seed: int, steps: int = 30, outer_lr: float = 1e-3) -> dict:
+    """The real-model guard's `metasft bench` config (docs/real_model.md, "The guard test"): ANIL and
+    multi-task SFT on the full-rank head adapter over SmolLM2's frozen, cached layers, on the same
+    passes of a small WordNet suite, then every method adapted to each held-out task at 1 shot per
+    class (3 SGD steps of the head adapter) and scored by query loss. Also run over 5 seeds by
+    experiments/smollm2_wordnet_top4/guard_seeds.py, which is where the test's margin comes from."""
+    train = ["trainer.precision=fp32", "trainer.device=cpu", "data.max_length=128", "data.chat_template=auto",
+             "model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[lm_head]", "model.lora_full_head=true",
+             "model.train_top_layers=4", f"trainer.prefix_cache_dir={out_dir}/prefix_cache",
+             "meta.meta_batch_size=2", "meta.num_inner_steps=3", "meta.inner_lr=0.01", f"meta.outer_lr={outer_lr}",
+             "meta.task_batching=false", "optim.lr_scheduler=constant", "optim.warmup_steps_ratio=0",
+             f"trainer.total_training_steps={steps}", f"trainer.seed={seed}", "trainer.logger=[jsonl]"]
+    return {
+        "base_model": str(model_dir), "tasks_dir": str(suite_dir), "output_dir": str(out_dir),
+        "n_shots": [1], "shots": "per_class", "seeds": [seed], "adaptations": ["gradient"],
+        "adapt": {"optimizer": "sgd", "lr": 0.03, "steps": 3, "batch_size": 5, "inner_scope": "head"},
+        "eval": {"batch_size": 25, "max_query_rows": 25, "generation": False},
+        "data": {"chat_template": "auto", "max_length": 256},
+        "base_adapters_from": "sft", "train_overrides": train, "train_parallel": 1, "device": "cpu",
+        "methods": [{"name": "sft", "config_name": "sft", "overrides": ["meta.inner_batch_size=20"]},
+                    {"name": "anil", "config_name": "maml", "overrides": [
+                        "meta.inner_scope=head", "meta.inner_batch_size=5", "meta.query_batch_size=5"]}],
+    }
+
+
+def guard_suite(out, seed: int) -> None:
+    from metasft.data.suites import build_wordnet
+
+    build_wordnet(out, seed=seed, num_train_tasks=8, num_validation_tasks=1, num_test_tasks=3)
