@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("out")
     parser.add_argument("seeds", type=int, nargs="+")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--outer-lr", type=float, default=1e-3)
     args = parser.parse_args()
     out = Path(args.out)
