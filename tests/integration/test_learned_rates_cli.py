@@ -2,7 +2,6 @@
 and every α by exactly minus their float64 meta-gradients (MAML, per_tensor; α projected to ≥ 0); `metasft adapt` adapts
 with the saved rates unless --lr is given; `metasft bench` uses them and plots them."""
 
-import copy
 import json
 
 import pytest

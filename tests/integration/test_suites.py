@@ -5,7 +5,6 @@ cipher). The WordNet tests read Debian's wordnet-base, which `make test` install
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from metasft.cli import main
 
