@@ -21,7 +21,7 @@ from metasft.data.collate import collate_for_rank
 from metasft.data.tasks import BatchSchedule, Task, stable_seed
 from metasft.data.tokenize import Encoded
 from metasft.errors import ConfigError
-from metasft.losses import target_logits, token_loss_sum
+from metasft.losses import target_loss_sum
 
 
 def select_shots(num_rows: int, n_shots: int, seed: int, task: str) -> list[int]:
@@ -90,7 +90,7 @@ def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int,
         chunk = rows[start:start + batch_size]
         batch = collate_for_rank(chunk, pad_token_id, *row_shard, device=engine.device)
         with engine._context():
-            s, _ = token_loss_sum(*target_logits(engine.model, batch))
+            s, _ = target_loss_sum(engine.model, batch)
         total += float(s)
         count += sum(r.num_targets for r in chunk)
     return total, count

@@ -8,6 +8,7 @@ by a global token count in the same way).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -95,18 +96,78 @@ def target_logits(model, batch: dict[str, torch.Tensor]):
     return forward_logits(model, batch, positions), batch["labels"], positions
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor], num_targets: int | torch.Tensor | None = None,
-            positions: torch.Tensor | None = None, module=None) -> torch.Tensor:
-    """Token-mean loss of ``model`` on ``batch``; divide by ``num_targets`` when given (global count).
+def output_head(module) -> torch.nn.Module | None:
+    """The output projection of a causal LM (through a peft wrapper), or None."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Module) else None
 
-    Logits are computed only at the target positions when the model accepts ``logits_to_keep``:
-    ``positions`` when given (under vmap, where they cannot be computed from a task's labels), else
-    those of ``batch``. ``module``: the ``nn.Module`` behind a functional ``model``."""
+
+@contextlib.contextmanager
+def _head_rows(head: torch.nn.Module, mask: torch.Tensor):
+    """Within: ``head`` is applied to the hidden states at ``mask`` only, ``[rows, length, hidden]``
+    → ``[n, hidden]`` (row by row), so its output is ``[n, vocabulary]``."""
+
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != mask.shape:
+            raise RuntimeError(f"output head called on hidden states of shape {tuple(hidden.shape)}, "
+                               f"expected [rows, length] = {tuple(mask.shape)}")
+        return (hidden[mask], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def logits_at_targets(model, batch: dict[str, torch.Tensor], module=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(logits [n, vocabulary], targets [n])`` at the ``n`` target tokens of ``batch``, row by row;
+    None when ``model`` (``module``: the ``nn.Module`` behind a functional ``model``) has no output
+    head to restrict.
+
+    Only the hidden states that predict a target reach the head. ``logits_to_keep`` keeps the
+    positions where *any* row has a target, which in a batch of rows of different lengths is most
+    positions of every row: on SmolLM2's 49,152-word head, 20 WordNet rows had ~35 kept positions
+    each for ~2 targets, and the head's matmuls were most of an SFT step."""
+    head = output_head(module if module is not None else model)
+    if head is None:
+        return None
+    shifted = batch["labels"][:, 1:]
+    targets = shifted != IGNORE_INDEX
+    predicts = torch.cat([targets, targets.new_zeros((targets.shape[0], 1))], 1)  # the last position predicts nothing
+    with _head_rows(head, predicts):
+        logits = forward_logits(model, batch)
+    return logits, shifted[targets]
+
+
+def target_loss_sum(model, batch: dict[str, torch.Tensor], positions: torch.Tensor | None = None, module=None,
+                    gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_loss_sum` of ``model`` on ``batch``, with logits computed only where needed: at
+    the target tokens (:func:`logits_at_targets`) when ``gather`` and the model has an output head;
+    else at ``positions`` when given, or at those of ``batch``, when the model accepts
+    ``logits_to_keep``. Under vmap (``gather=False``) a task's target tokens cannot be gathered (their
+    count is data-dependent) and the caller gives the positions of all tasks. ``module``: the
+    ``nn.Module`` behind a functional ``model``."""
+    at_targets = logits_at_targets(model, batch, module) if gather else None
+    if at_targets is not None:
+        logits, targets = at_targets
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.cross_entropy(logits, targets, reduction="sum"), targets.new_tensor(targets.numel())
     if not accepts_logits_to_keep(module if module is not None else model):
         positions = None
     elif positions is None:
         positions = target_positions(batch["labels"])
-    total, count = token_loss_sum(forward_logits(model, batch, positions), batch["labels"], positions)
+    return token_loss_sum(forward_logits(model, batch, positions), batch["labels"], positions)
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], num_targets: int | torch.Tensor | None = None,
+            positions: torch.Tensor | None = None, module=None, gather: bool = True) -> torch.Tensor:
+    """Token-mean loss of ``model`` on ``batch`` (:func:`target_loss_sum`); divide by ``num_targets``
+    when given (global count)."""
+    total, count = target_loss_sum(model, batch, positions, module, gather)
     if num_targets is None:
         num_targets = batch.get("global_num_targets")  # set when a batch is split across ranks
     denominator = count if num_targets is None else torch.as_tensor(num_targets, device=total.device)

@@ -39,6 +39,7 @@ from metasft.data.episodes import Batch, Episode
 from metasft.distributed import has_dtensors
 from metasft.errors import MetasftError
 from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
+from metasft.algorithms.factored_head import LowRankB, find_head_b
 from metasft.algorithms.updates import SGD, Adam, LearnedSGD, step_in_place
 from metasft.scope import ALL, LayerWindow, PrefixCache, Scope, frozen_below, inner_indices
 
@@ -106,6 +107,8 @@ class Adapted:
 
     weights: dict[str, torch.Tensor] | None
     inner_grads: list[list[torch.Tensor]] | None = None
+    # The head's LoRA B kept factored (metasft.algorithms.factored_head), not in ``weights``.
+    head_b: LowRankB | None = None
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -143,6 +146,8 @@ class InnerLoop:
         self.inner_names = [self.names[i] for i in self.inner_index]
         self.inner_params = [self.params[i] for i in self.inner_index]
         self._configure_prefix(named_params, prefix_cache, prefix_cache_dir)
+        # The head's LoRA B in the inner scope, which MAML's inner loop keeps factored (B_0 + U M).
+        self.head_b = find_head_b(model, self.inner_params)
         self.inner_lr = inner_lr
         self.num_inner_steps = num_inner_steps
         self.autocast_dtype = autocast_dtype
@@ -426,14 +431,19 @@ class InnerLoop:
         own parameters when ``adapted`` is None or held in place)."""
         weights = None if adapted is None else adapted.weights
         if batch["input_ids"].dim() == 2:  # one task: its own collated batch, its weights unstacked
+            if adapted is not None and adapted.head_b is not None:
+                with adapted.head_b.installed(self.head_b):
+                    return self.loss(batch, weights, double_backward=double_backward).unsqueeze(0)
             return self.loss(batch, weights, double_backward=double_backward).unsqueeze(0)
         # Target positions are data-dependent, so they are found here, over every task's rows, not
         # inside vmap; padding rows and tasks with fewer targets just ignore the extra positions.
         positions = target_positions(batch["labels"]) if accepts_logits_to_keep(self.model) else None
         with self._context(double_backward, vmapped=True), self._suffix(batch):
             if weights is None:
-                return vmap(lambda b: lm_loss(self.model, b, positions=positions), randomness="different")(batch)
-            return vmap(lambda w, b: lm_loss(_FunctionalModel(self.model, w), b, positions=positions, module=self.model),
+                return vmap(lambda b: lm_loss(self.model, b, positions=positions, gather=False),
+                            randomness="different")(batch)
+            return vmap(lambda w, b: lm_loss(_FunctionalModel(self.model, w), b, positions=positions, module=self.model,
+                                             gather=False),
                         randomness="different")(weights, batch)
 
     def adapt(self, tasks: TaskBatch, metrics: list[TaskMetrics] | None = None, second_order: bool = False,
@@ -447,10 +457,17 @@ class InnerLoop:
         keep_grads = self.learning_rates and not second_order
         in_place = tasks.size == 1 and not second_order
         adapted = Adapted(None if in_place else self._start_weights(tasks.size, second_order), [] if keep_grads else None)
+        factored = second_order and tasks.size == 1 and self.head_b is not None and hasattr(rule, "rate")
+        if factored:
+            adapted.head_b = LowRankB(adapted.weights.pop(self.inner_names[self.head_b.index]))
+            dense_rule = rule.subset([i for i in range(len(self.inner_names)) if i != self.head_b.index])
         for k, batch in enumerate(tasks.support):
             losses = self.losses(batch, None if in_place else adapted, double_backward=second_order)
             for m, ep, value in zip(metrics or [], tasks.episodes, losses.detach().tolist()):
                 _record_inner_step(m, k, ep.support_batches[k], value)
+            if factored:
+                self._factored_step(adapted, losses.sum(), rule, dense_rule, k)
+                continue
             wrt = self.inner_params if in_place else list(adapted.weights.values())
             whole = in_place and len(self.inner_params) == len(self.params)
             grads = self.grad(losses.sum(), None if whole else wrt, create_graph=second_order)
@@ -467,6 +484,15 @@ class InnerLoop:
                     new = rule.step(wrt, grads, k)
                 adapted.weights = {n: w.requires_grad_() for n, w in zip(adapted.weights, new)}
         return adapted
+
+    def _factored_step(self, adapted: "Adapted", loss: torch.Tensor, rule, dense_rule, k: int) -> None:
+        """One second-order inner step with the head's B factored: the dense inner tensors by
+        ``dense_rule``; B by the gradient with respect to its last output (the logits' LoRA term)."""
+        low_rank = adapted.head_b
+        wrt = list(adapted.weights.values())
+        grads = self.grad(loss, wrt + [low_rank.last_output], create_graph=True)
+        adapted.weights = dict(zip(adapted.weights, dense_rule.step(wrt, grads[:-1], k)))
+        adapted.head_b = low_rank.stepped(grads[-1], rule.rate(self.head_b.index, k))
 
     def _start_weights(self, size: int, graph: bool) -> dict[str, torch.Tensor]:
         """θ's inner scope broadcast to ``size`` tasks: a view of θ in the graph (MAML: the backward

@@ -22,6 +22,13 @@ class SGD:
     def __init__(self, lr: float):
         self.lr = lr
 
+    def rate(self, index: int, k: int) -> float:
+        return self.lr
+
+    def subset(self, indices: list[int]) -> "SGD":
+        """The rule for the tensors at ``indices`` only (their rates, in that order)."""
+        return self
+
     def step(self, weights: list[torch.Tensor], grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         # torch.add with alpha: one op per tensor instead of a mul and a sub.
         return [torch.add(w, g, alpha=-self.lr) for w, g in zip(weights, grads)]
@@ -37,6 +44,9 @@ class LearnedSGD:
     def rate(self, index: int, k: int) -> torch.Tensor:
         rate = self.rates[index]
         return rate if rate.dim() == 0 else rate[min(k, rate.shape[0] - 1)]
+
+    def subset(self, indices: list[int]) -> "LearnedSGD":
+        return LearnedSGD([self.rates[i] for i in indices])
 
     def step(self, weights: list[torch.Tensor], grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         return [w - self.rate(i, k) * g for i, (w, g) in enumerate(zip(weights, grads))]

@@ -126,12 +126,13 @@ def test_token_mean_loss_is_independent_of_batch_split():
 
 
 def test_logits_at_target_positions_only_give_the_same_loss_and_gradient(tiny_llama_dir):
-    """lm_loss computes the head only where a target is predicted (logits_to_keep); in float64 the
-    loss and every gradient equal those of the full logits, and a model whose forward has no
-    logits_to_keep falls back to the full logits."""
+    """lm_loss computes the head only at the target tokens (the head's input gathered row by row), or
+    with ``gather=False`` at the positions where any row has a target (logits_to_keep); in float64
+    the loss and every gradient equal those of the full logits either way, and a model with neither
+    an output head to gather for nor logits_to_keep falls back to the full logits."""
     from transformers import AutoModelForCausalLM
 
-    from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
+    from metasft.losses import accepts_logits_to_keep, lm_loss, logits_at_targets, target_positions
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).double()
     torch.manual_seed(0)
@@ -147,11 +148,14 @@ def test_logits_at_target_positions_only_give_the_same_loss_and_gradient(tiny_ll
         grads = torch.autograd.grad(loss, [p for p in model.parameters()])
         return loss.detach(), grads
 
-    kept, kept_grads = loss_and_grads(lm_loss(model, batch))
     full_logits = model(input_ids=input_ids).logits
     full, full_grads = loss_and_grads(token_loss_sum(full_logits, labels)[0] / (labels[:, 1:] != IGNORE_INDEX).sum())
-    assert torch.allclose(kept, full, rtol=1e-12)
-    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(kept_grads, full_grads))
+    for gather in (True, False):
+        kept, kept_grads = loss_and_grads(lm_loss(model, batch, gather=gather))
+        assert torch.allclose(kept, full, rtol=1e-12)
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(kept_grads, full_grads))
+    logits, targets = logits_at_targets(model, batch)
+    assert logits.shape == (5, model.config.vocab_size) and targets.tolist() == labels[labels != IGNORE_INDEX].tolist()
 
     class NoKeep(torch.nn.Module):  # a forward without logits_to_keep: full logits
         def __init__(self):

@@ -1,0 +1,81 @@
+"""MAML's inner loop with the head's LoRA B kept factored (B_0 + U M, metasft.algorithms.factored_head)
+equals the dense inner loop: the adapted B, the query loss at φ, and the meta-gradient of every
+meta-parameter and learned rate, in float64.
+
+The dense path is the engine's general one (checked against independent references in
+test_learned_inner_lr.py and tests/integration/test_inner_scope.py); here the same engine is run
+twice, once with the factored path switched off."""
+
+import pytest
+import torch
+
+from metasft.algorithms import InnerLoop
+from metasft.algorithms.updates import Adam
+from metasft.config import ModelConfig
+from metasft.model import load_model, trainable_named_parameters
+from metasft.scope import Scope
+
+from test_algorithms import K, make_episodes, rel_err
+
+
+@pytest.fixture(scope="module")
+def episodes(tokenizer):
+    return make_episodes(tokenizer, n_tasks=2, n_support=4, n_query=3, support_batch=2)
+
+
+def head_lora_model(model_dir, full_head):
+    cfg = ModelConfig(partial_pretrain=str(model_dir), lora_rank=4, lora_alpha=8, lora_full_head=full_head,
+                      target_modules=["q_proj", "v_proj", "lm_head"])
+    model = load_model(cfg).double()
+    # lora_B starts at zero; move it so that every term of the step (and A's gradient) is exercised.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def meta_gradients(model, episodes, mode, factored):
+    named = trainable_named_parameters(model)
+    engine = InnerLoop(model, named, 0.3, K, learn_inner_lr=mode, inner_scope=Scope("head"))
+    assert engine.head_b is not None  # the head's lora_B is in the inner scope
+    if not factored:
+        engine.head_b = None
+    b_name = next(n for n in engine.inner_names if "lm_head.lora_B" in n)
+    params = engine.params + engine.rates
+    totals, losses, adapted_b = [torch.zeros_like(p) for p in params], [], []
+    for episode in episodes:
+        tasks = engine.stack([engine.prepare_episode(episode, support_graph=True)])
+        adapted = engine.adapt(tasks, second_order=True)
+        assert (adapted.head_b is not None) == factored
+        assert (b_name in adapted.weights) != factored
+        adapted_b.append((adapted.head_b.dense() if factored else adapted.weights[b_name]).detach())
+        loss = engine.losses(tasks.query, adapted).sum()
+        losses.append(float(loss.detach()))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        totals = [t + (0 if g is None else g) for t, g in zip(totals, grads)]
+    # The head's own lora_B module is back in place after every call.
+    assert type(model.get_output_embeddings().lora_B["default"]) is torch.nn.Linear
+    return totals, losses, adapted_b
+
+
+@pytest.mark.parametrize("mode", ["none", "per_tensor_per_step"])
+@pytest.mark.parametrize("full_head", [False, True], ids=["rank4", "full_head"])
+def test_factored_head_inner_loop_equals_the_dense_one(tiny_llama_dir, episodes, full_head, mode):
+    model = head_lora_model(tiny_llama_dir, full_head)
+    dense = meta_gradients(model, episodes, mode, factored=False)
+    factored = meta_gradients(model, episodes, mode, factored=True)
+    assert rel_err(factored[2], dense[2]) < 1e-12          # the adapted B
+    assert factored[1] == pytest.approx(dense[1], rel=1e-12, abs=0)   # query losses at φ
+    assert rel_err(factored[0], dense[0]) < 1e-10          # meta-gradients of θ (and α)
+    assert all(float(g.abs().sum()) > 0 for g in dense[0])  # every meta-parameter (and rate) is reached
+
+
+def test_rules_without_a_scalar_rate_and_first_order_paths_keep_the_dense_b(tiny_llama_dir, episodes):
+    model = head_lora_model(tiny_llama_dir, full_head=False)
+    engine = InnerLoop(model, trainable_named_parameters(model), 0.3, K, inner_scope=Scope("head"))
+    tasks = engine.stack([engine.prepare_episode(episodes[0], support_graph=True)])
+    assert engine.adapt(tasks, second_order=True, rule=Adam(0.01)).head_b is None
+    assert engine.adapt(tasks, second_order=False).head_b is None
+    assert engine.adapt(engine.stack([engine.prepare_episode(ep) for ep in episodes]), second_order=True).head_b is None
