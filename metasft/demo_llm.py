@@ -95,8 +95,10 @@ def write_bench_config(out: Path, model_dir: Path, tasks_dir: Path, steps: int, 
         "shots": "per_class",
         "seeds": [seed],
         "adaptations": ["gradient", "in_context"],
+        # The rate is chosen by validation query loss: exact match on 125 validation rows could not tell
+        # adjacent rates apart and once picked an unstable one (docs/real_model.md, seed 1).
         "adapt": {"optimizer": "sgd", "lr_grid": ADAPT_LR_GRID, "steps": K, "batch_size": ROWS,
-                  "inner_scope": "head"},
+                  "inner_scope": "head", "select_lr_by": "query_loss"},
         # The base adapts the same adapters as the trained methods (its head is tied: docs/bench.md).
         "base_adapters_from": "sft",
         "eval": {"batch_size": 25, "max_query_rows": 25, "max_new_tokens": 4},

@@ -103,7 +103,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
         write_csv(validation_rows, out / "validation.csv")
     per_class = cfg.shots == "per_class"
     table = markdown_table(summary, info, chosen_on=validation if cfg.adapt.lr_grid else None,
-                           shots_label="shots per class" if per_class else "n_shots")
+                           shots_label="shots per class" if per_class else "n_shots", chosen_by=cfg.adapt.select_lr_by)
     curves = training_curves(methods, cfg.metric)
     result = {"summary": summary, "methods": info, "rows": rows, "training_curves": curves,
               "machine": _machine(), "config": dataclasses.asdict(cfg)}

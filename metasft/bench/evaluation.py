@@ -16,7 +16,8 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     """Adapt ``checkpoint`` to every (task, n_shots, seed) with the shared protocol and score it.
 
     With ``adapt.lr_grid`` the learning rate for each n_shots is first chosen on ``validation_tasks``
-    (best mean ``cfg.metric``, ties to the lower query loss). Returns the held-out rows, the learning
+    (``adapt.select_lr_by``: best mean ``cfg.metric``, ties to the lower query loss; or the lowest mean
+    query loss, scored without generation). Returns the held-out rows, the learning
     rate used per n_shots, and the validation rows behind the choice."""
     import torch
 
@@ -46,7 +47,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
             raise ConfigError(f"n_shots: {n_shots} exceeds task {task.name!r}'s {len(task.support)} support rows")
         return select_shots(len(task.support), n_shots, seed, task.name)
 
-    def score(task, n_shots: int, seed: int, lr: float) -> dict:
+    def score(task, n_shots: int, seed: int, lr: float, generation: bool = True) -> dict:
         query_rows = task.query[: cfg.eval.max_query_rows] if cfg.eval.max_query_rows else task.query
         torch.manual_seed(seed)
         shots = [task.support[i] for i in shot_indices(task, n_shots, seed)]
@@ -57,7 +58,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
         adapt_seconds = time.perf_counter() - started
         scores = evaluate_rows(model, tokenizer, query_rows, task.query_examples[: len(query_rows)],
                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                               with_generation=cfg.eval.generation, device=device)
+                               with_generation=cfg.eval.generation and generation, device=device)
         engine.restore()
         on_done()
         return {"method": name, "adaptation": "gradient", "task": task.name, "n_shots": n_shots, "seed": seed,
@@ -93,12 +94,14 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     elif cfg.adapt.lr_grid:
         for n_shots in cfg.n_shots:
             ranking = []
+            by_loss = cfg.adapt.select_lr_by == "query_loss"
             for lr in cfg.adapt.lr_grid:
-                trial = [score(task, n_shots, seed, lr) for task in validation_tasks for seed in cfg.seeds]
+                trial = [score(task, n_shots, seed, lr, generation=not by_loss)
+                         for task in validation_tasks for seed in cfg.seeds]
                 validation_rows += trial
-                ranking.append((_mean(trial, cfg.metric), _mean(trial, "query_loss"), lr))
+                ranking.append((math.nan if by_loss else _mean(trial, cfg.metric), _mean(trial, "query_loss"), lr))
             sign = 1 if HIGHER_IS_BETTER[cfg.metric] else -1
-            # A metric that was not computed (generation off) leaves the query loss to decide.
+            # A metric that was not computed (generation off, or selection by loss) leaves the query loss to decide.
             chosen[n_shots] = max(ranking, key=lambda r: (0.0 if math.isnan(r[0]) else sign * r[0], -r[1]))[2]
     rows += [score(task, n_shots, seed, chosen[n_shots])
              for task in tasks for n_shots in cfg.n_shots for seed in cfg.seeds]

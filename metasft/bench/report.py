@@ -54,7 +54,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on: list[str] | None = None,
-                   shots_label: str = "n_shots") -> str:
+                   shots_label: str = "n_shots", chosen_by: str = "metric") -> str:
     lines = [f"| method | adaptation | {shots_label} | shots used | adaptation lr | exact match | ROUGE-L | token accuracy "
              "| query loss |", "|---|---|---|---|---|---|---|---|---|"]
     for entry in summary:
@@ -68,8 +68,9 @@ def markdown_table(summary: list[dict], methods_info: dict[str, dict], chosen_on
         lines.append(f"| {entry['method']} | {entry['adaptation']} | {entry['n_shots']} | {entry['shots_used']:.1f} | "
                      f"{shown} | " + " | ".join(cells) + " |")
     if chosen_on:
+        by = " by the lowest query loss" if chosen_by == "query_loss" else ""
         lines += ["", f"Adaptation learning rates were chosen per method and n_shots on {len(chosen_on)} validation "
-                      "tasks (validation.csv), never on the held-out tasks above."]
+                      f"tasks{by} (validation.csv), never on the held-out tasks above."]
     selected = any("selected_step" in info for info in methods_info.values())
     lines += ["", "| method | meta-training steps | " + ("evaluated checkpoint | " if selected else "")
               + "training wall time (s) | training peak RSS (MiB) | evaluation wall time (s) |",

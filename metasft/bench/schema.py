@@ -30,7 +30,11 @@ class AdaptProtocol:
     optimizer: Literal["sgd", "adamw"] = _f("sgd", "Adaptation optimizer, shared by all methods.")
     lr: float = _f(0.1, "Adaptation learning rate, shared by all methods (when lr_grid is empty).")
     lr_grid: list[float] = _f([], "Choose each method's adaptation learning rate per n_shots from these values "
-                                  "on the validation tasks (best mean metric); overrides lr.")
+                                  "on the validation tasks (by select_lr_by); overrides lr.")
+    select_lr_by: Literal["metric", "query_loss"] = _f(
+        "metric", "How lr_grid is decided on the validation tasks: the best mean metric (ties to the lower query "
+                  "loss), or the lowest mean query loss (no generation on validation tasks: faster, and steadier on "
+                  "few rows than exact match).")
     steps: int = _f(5, "Adaptation steps.")
     batch_size: int = _f(10, "Examples per adaptation step (all shots when fewer).")
     inner_scope: str = _f("all", "What every method adapts: all, head (ANIL's) or top_layers:N.")

@@ -150,6 +150,30 @@ def test_bench_chooses_each_adaptation_lr_on_validation_tasks_only(tmp_path, tin
     assert "chosen per method and n_shots on 2 validation tasks" in (tmp_path / "b" / "results.md").read_text()
 
 
+def test_bench_can_choose_the_adaptation_lr_by_query_loss_without_generating_on_validation_tasks(tmp_path,
+                                                                                              tiny_llama_dir):
+    """adapt.select_lr_by: query_loss. The reported metric is exact match (generated), but the rate is
+    the one with the lowest mean validation query loss, and validation tasks are scored without
+    generating."""
+    data = make_prepared_suite(tmp_path, n_train=2, n_held_out=2, n_validation=2)
+    grid = [0.01, 0.3, 3.0]
+    config = {"base_model": str(tiny_llama_dir), "tasks_dir": str(data), "n_shots": [4], "seeds": [0],
+              "adapt": {"lr_grid": grid, "steps": 3, "batch_size": 4, "select_lr_by": "query_loss"},
+              "metric": "exact_match", "eval": {"max_new_tokens": 4}, "data": {"chat_template": "none"},
+              "methods": [{"name": "sft", "checkpoint": str(tiny_llama_dir)}], "output_dir": str(tmp_path / "b")}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
+    validation = list(csv.DictReader(open(tmp_path / "b" / "validation.csv")))
+    assert all(r["exact_match"] == "" for r in validation) and all(r["exact_match"] != "" for r in rows)
+    for method in ("base", "sft"):
+        mean = {lr: sum(float(r["query_loss"]) for r in validation if r["method"] == method
+                        and float(r["adapt_lr"]) == lr) / 2 for lr in grid}
+        used = {float(r["adapt_lr"]) for r in rows if r["method"] == method}
+        assert used == {min(grid, key=mean.get)}, (method, mean)
+    assert "on 2 validation tasks by the lowest query loss" in (tmp_path / "b" / "results.md").read_text()
+
+
 def test_bench_evaluates_each_method_at_its_best_validation_checkpoint(tmp_path, tiny_llama_dir):
     """select_checkpoint: best_validation. The trainer saves at every evaluation on the validation
     tasks; bench evaluates the step those evaluations ranked best, recomputed here from metrics.jsonl."""
