@@ -8,6 +8,9 @@ Keys (time of the old path over the new one, medians over rounds, alternating or
   head adapter (``model.lora_full_head``), the inner loop keeping B dense against keeping it factored
   (``metasft/algorithms/factored_head.py``). Experiment 3's shapes: 4 tasks one at a time, K = 3
   inner SGD steps, support and query batches of 5 rows.
+- ``anil_sequential_over_task_rows``: the same factored ANIL meta-step, the 4 tasks one at a time
+  against all 4 together (``meta.task_batching=true``: their target rows in one forward, each
+  through its own A and factored B; the base head and B_0 read once a pass for all tasks).
 - ``loss_positions_over_gathered``: one loss forward and backward to the head adapter on 20 rows,
   the head run at every position where any row has a target (``logits_to_keep``) against only at
   the target tokens (``metasft.losses.logits_at_targets``): the multi-task SFT step's head.
@@ -35,6 +38,7 @@ from metasft.model import apply_lora, trainable_named_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scopes import Stepper  # noqa: E402
+from metasft.train import run_meta_step  # noqa: E402
 
 HIDDEN, VOCAB = 576, 49152
 
@@ -81,7 +85,13 @@ def head_ratios(paired_ratios, rounds: int) -> dict:
     dense = Stepper(copy.deepcopy(model), "maml", 3, inner_scope="head", prefix_cache=True)
     assert factored.engine.head_b is not None
     dense.engine.head_b = None
+    together = Stepper(copy.deepcopy(model), "maml", 3, inner_scope="head", prefix_cache=True)
     eps = episodes()
+    assert together.engine.factored_tasks(len(eps))
+
+    def step_together():
+        run_meta_step(together.engine, together.algorithm, eps, len(eps), together.optimizer, clip_grad=1.0,
+                      tasks_per_pass=len(eps))
     rows20 = batch(torch.Generator().manual_seed(2), 20)
     params = [p for _, p in trainable_named_parameters(model)]
 
@@ -90,6 +100,7 @@ def head_ratios(paired_ratios, rounds: int) -> dict:
 
     ratios, seconds = paired_ratios({
         "anil_dense_over_factored": (lambda: dense(eps), lambda: factored(eps)),
+        "anil_sequential_over_task_rows": (lambda: factored(eps), step_together),
         "loss_positions_over_gathered": (lambda: loss_step(False), lambda: loss_step(True)),
     }, rounds)
     return {**ratios, "seconds": seconds, "threads": torch.get_num_threads()}

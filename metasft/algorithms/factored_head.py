@@ -33,11 +33,13 @@ from metasft.errors import MetasftError
 @dataclass(frozen=True)
 class HeadB:
     """Where the head's LoRA B lives: its peft layer, the adapter's name, and its index in the inner
-    scope's tensors."""
+    scope's tensors; ``a_index``: lora_A's, when the inner scope is exactly the two (T tasks can then
+    run their target rows together: :class:`PerTaskLinear`)."""
 
     layer: torch.nn.Module
     adapter: str
     index: int
+    a_index: int | None = None
 
 
 def find_head_b(model, inner_params: list[torch.Tensor]) -> HeadB | None:
@@ -57,54 +59,95 @@ def find_head_b(model, inner_params: list[torch.Tensor]) -> HeadB | None:
     module = lora_b[adapter] if adapter in lora_b else None
     if type(module) is not torch.nn.Linear or module.bias is not None or adapter in getattr(head, "lora_variant", {}):
         return None
-    for index, param in enumerate(inner_params):
-        if param is module.weight:
-            return HeadB(head, adapter, index)
-    return None
+    indices = [i for i, param in enumerate(inner_params) if param is module.weight]
+    if not indices:
+        return None
+    a_weight = head.lora_A[adapter].weight if adapter in head.lora_A else None
+    others = [i for i, param in enumerate(inner_params) if param is not module.weight]
+    a_index = others[0] if len(others) == 1 and inner_params[others[0]] is a_weight else None
+    return HeadB(head, adapter, indices[0], a_index)
+
+
+def _plain(module: torch.nn.Module, **values) -> None:
+    """Plain attributes, not registered parameters: θ's tensors stay parameters of the layer they
+    belong to, and functional_call sees no second name for them."""
+    for name, value in values.items():
+        object.__setattr__(module, name, value)
+
+
+def _split(x: torch.Tensor, counts: list[int] | None) -> list[torch.Tensor]:
+    """``x``'s rows task by task (tasks' rows are consecutive); one part when ``counts`` is None."""
+    return [x] if counts is None else list(x.split(counts))
 
 
 class LowRankB(torch.nn.Module):
-    """Stands in for ``lora_B`` during an inner loop: weight B_0 + U M, applied without forming it.
+    """Stands in for ``lora_B`` during an inner loop: each task's weight B_0 + U_t M_t, applied
+    without forming it.
+
+    One task (``counts`` None) takes any input shape. T tasks take their target rows concatenated,
+    ``counts[t]`` rows of task t in order (:meth:`InnerLoop.stack_rows`): B_0 is then one matmul
+    over every task's rows, read once, and its meta-gradient one dense tensor per pass, not per task.
 
     Records the input and output of its last call: the next inner step's gradient with respect to
     that output, with the input, is the step's update."""
 
-    def __init__(self, base: torch.Tensor, left: torch.Tensor | None = None, right: torch.Tensor | None = None):
+    def __init__(self, base: torch.Tensor, left: list[torch.Tensor] | None = None,
+                 right: list[torch.Tensor] | None = None):
         super().__init__()
-        # Plain attributes, not registered parameters: θ's B stays a parameter of the layer it
-        # belongs to, and functional_call sees no second name for it.
-        for name, value in (("base", base), ("left", left), ("right", right), ("last_input", None), ("last_output", None)):
-            object.__setattr__(self, name, value)
+        _plain(self, base=base, left=left, right=right, counts=None, last_input=None, last_output=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.base)
         if self.left is not None:
-            out = out + F.linear(F.linear(x, self.right), self.left)
-        object.__setattr__(self, "last_input", x)
-        object.__setattr__(self, "last_output", out)
+            parts = _split(x, self.counts)
+            out = out + torch.cat([F.linear(F.linear(xt, r), l) for xt, l, r in zip(parts, self.left, self.right)])
+        _plain(self, last_input=x, last_output=out)
         return out
 
     def stepped(self, grad_output: torch.Tensor, rate: torch.Tensor | float) -> "LowRankB":
-        """B after one SGD step, B − rate · Gᵀz, from the gradient G with respect to the last output.
+        """B after one SGD step, B − rate · Gᵀz per task, from the gradient G with respect to the last
+        output.
 
         The loss computes the head at the target tokens only (metasft.losses.logits_at_targets), so
         G and z have one row per target; at any other row G would be zero and add nothing."""
-        g = grad_output.reshape(-1, grad_output.shape[-1])     # [n, vocabulary]
+        g = grad_output.reshape(-1, grad_output.shape[-1])          # [n, vocabulary]
         z = self.last_input.reshape(-1, self.last_input.shape[-1])  # [n, rank]
-        left = g.transpose(0, 1) if self.left is None else torch.cat([self.left, g.transpose(0, 1)], 1)
-        right = -rate * z if self.right is None else torch.cat([self.right, -rate * z], 0)
+        g_parts, z_parts = _split(g, self.counts), _split(z, self.counts)
+        left = [gt.transpose(0, 1) for gt in g_parts]
+        right = [-rate * zt for zt in z_parts]
+        if self.left is not None:
+            left = [torch.cat([old, new], 1) for old, new in zip(self.left, left)]
+            right = [torch.cat([old, new], 0) for old, new in zip(self.right, right)]
         return LowRankB(self.base, left, right)
 
-    def dense(self) -> torch.Tensor:
-        return self.base if self.left is None else self.base + self.left @ self.right
+    def dense(self, task: int = 0) -> torch.Tensor:
+        """Task ``task``'s B as one tensor (for tests)."""
+        return self.base if self.left is None else self.base + self.left[task] @ self.right[task]
 
-    @contextlib.contextmanager
-    def installed(self, head_b: HeadB):
-        """This module as the head's ``lora_B`` for the duration (the parameter's module is put back)."""
-        modules = head_b.layer.lora_B
-        saved = modules[head_b.adapter]
-        modules[head_b.adapter] = self
-        try:
-            yield self
-        finally:
-            modules[head_b.adapter] = saved
+
+class PerTaskLinear(torch.nn.Module):
+    """Stands in for ``lora_A`` when T tasks' target rows run together: task t's rows by its own
+    weight ``weight[t]`` (a ``[T, out, in]`` stack, in the graph)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        _plain(self, weight=weight, counts=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(xt, w) for xt, w in zip(_split(x, self.counts), self.weight)])
+
+
+@contextlib.contextmanager
+def installed(head_b: HeadB, b: LowRankB, a: PerTaskLinear | None = None, counts: list[int] | None = None):
+    """``b`` (and ``a``) as the head's ``lora_B`` (and ``lora_A``) for the duration, reading rows
+    task by task per ``counts``; the layer's own modules are put back."""
+    swaps = [(head_b.layer.lora_B, b)] + ([(head_b.layer.lora_A, a)] if a is not None else [])
+    saved = [modules[head_b.adapter] for modules, _ in swaps]
+    for modules, module in swaps:
+        _plain(module, counts=counts)
+        modules[head_b.adapter] = module
+    try:
+        yield
+    finally:
+        for (modules, _), old in zip(swaps, saved):
+            modules[head_b.adapter] = old

@@ -38,8 +38,8 @@ from metasft.data.collate import IGNORE_INDEX
 from metasft.data.episodes import Batch, Episode
 from metasft.distributed import has_dtensors
 from metasft.errors import MetasftError
-from metasft.losses import accepts_logits_to_keep, lm_loss, target_positions
-from metasft.algorithms.factored_head import LowRankB, find_head_b
+from metasft.losses import accepts_logits_to_keep, lm_loss, logits_at_targets, target_positions
+from metasft.algorithms.factored_head import LowRankB, PerTaskLinear, find_head_b, installed
 from metasft.algorithms.updates import SGD, Adam, LearnedSGD, step_in_place
 from metasft.scope import ALL, LayerWindow, PrefixCache, Scope, frozen_below, inner_indices
 
@@ -430,10 +430,12 @@ class InnerLoop:
         """The §2.3 loss of each task, ``[T]``: task t's rows at its adapted weights (at the model's
         own parameters when ``adapted`` is None or held in place)."""
         weights = None if adapted is None else adapted.weights
+        if adapted is not None and adapted.head_b is not None:
+            if batch["input_ids"].dim() == 3:
+                return self._task_rows_losses(batch, adapted, double_backward)
+            with installed(self.head_b, adapted.head_b):
+                return self.loss(batch, weights, double_backward=double_backward).unsqueeze(0)
         if batch["input_ids"].dim() == 2:  # one task: its own collated batch, its weights unstacked
-            if adapted is not None and adapted.head_b is not None:
-                with adapted.head_b.installed(self.head_b):
-                    return self.loss(batch, weights, double_backward=double_backward).unsqueeze(0)
             return self.loss(batch, weights, double_backward=double_backward).unsqueeze(0)
         # Target positions are data-dependent, so they are found here, over every task's rows, not
         # inside vmap; padding rows and tasks with fewer targets just ignore the extra positions.
@@ -457,9 +459,10 @@ class InnerLoop:
         keep_grads = self.learning_rates and not second_order
         in_place = tasks.size == 1 and not second_order
         adapted = Adapted(None if in_place else self._start_weights(tasks.size, second_order), [] if keep_grads else None)
-        factored = second_order and tasks.size == 1 and self.head_b is not None and hasattr(rule, "rate")
+        factored = second_order and self.factored_tasks(tasks.size) and hasattr(rule, "rate")
         if factored:
-            adapted.head_b = LowRankB(adapted.weights.pop(self.inner_names[self.head_b.index]))
+            del adapted.weights[self.inner_names[self.head_b.index]]
+            adapted.head_b = LowRankB(self.inner_params[self.head_b.index])
             dense_rule = rule.subset([i for i in range(len(self.inner_names)) if i != self.head_b.index])
         for k, batch in enumerate(tasks.support):
             losses = self.losses(batch, None if in_place else adapted, double_backward=second_order)
@@ -484,6 +487,35 @@ class InnerLoop:
                     new = rule.step(wrt, grads, k)
                 adapted.weights = {n: w.requires_grad_() for n, w in zip(adapted.weights, new)}
         return adapted
+
+    def factored_tasks(self, size: int) -> bool:
+        """Whether MAML's inner loop can keep the head's B factored for ``size`` tasks at once: one
+        task whenever the inner scope holds the head's lora_B; several when the inner scope is exactly
+        the head's lora_A and lora_B over prefix states that reach the head directly, so the tasks'
+        target rows run together (:meth:`_task_rows_losses`)."""
+        if self.head_b is None:
+            return False
+        return size == 1 or (self.head_b.a_index is not None and self.window is not None
+                             and self.split_at == self.window.parts.num_layers)
+
+    def _task_rows_losses(self, batch: Batch, adapted: "Adapted", double_backward: bool) -> torch.Tensor:
+        """The losses ``[T]`` of T stacked tasks whose inner scope is the head's adapter (B factored):
+        every task's rows in one forward, each task's rows through its own A and B. The layers below
+        the head are not run (their states are ``inputs_embeds``), so the tasks' rows are independent
+        and need no per-task call; the head runs at the target tokens only, task after task."""
+        tasks, rows, length = batch["input_ids"].shape
+        flat = {"input_ids": batch["input_ids"].reshape(tasks * rows, length),
+                "labels": batch["labels"].reshape(tasks * rows, length),
+                "inputs_embeds": batch["inputs_embeds"].reshape(tasks * rows, length, -1)}
+        counts = (batch["labels"][..., 1:] != IGNORE_INDEX).sum((1, 2)).tolist()
+        a = PerTaskLinear(adapted.weights[self.inner_names[self.head_b.a_index]])
+        with installed(self.head_b, adapted.head_b, a, counts), self._context(double_backward), self._suffix(flat):
+            logits, targets = logits_at_targets(self.model, flat)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        sums = torch.stack([part.sum() for part in token_losses.split(counts)])
+        return sums / torch.tensor(counts, device=sums.device).clamp(min=1)
 
     def _factored_step(self, adapted: "Adapted", loss: torch.Tensor, rule, dense_rule, k: int) -> None:
         """One second-order inner step with the head's B factored: the dense inner tensors by

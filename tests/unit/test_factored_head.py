@@ -23,9 +23,9 @@ def episodes(tokenizer):
     return make_episodes(tokenizer, n_tasks=2, n_support=4, n_query=3, support_batch=2)
 
 
-def head_lora_model(model_dir, full_head):
+def head_lora_model(model_dir, full_head, targets=("q_proj", "v_proj", "lm_head")):
     cfg = ModelConfig(partial_pretrain=str(model_dir), lora_rank=4, lora_alpha=8, lora_full_head=full_head,
-                      target_modules=["q_proj", "v_proj", "lm_head"])
+                      target_modules=list(targets))
     model = load_model(cfg).double()
     # lora_B starts at zero; move it so that every term of the step (and A's gradient) is exercised.
     gen = torch.Generator().manual_seed(0)
@@ -78,4 +78,30 @@ def test_rules_without_a_scalar_rate_and_first_order_paths_keep_the_dense_b(tiny
     tasks = engine.stack([engine.prepare_episode(episodes[0], support_graph=True)])
     assert engine.adapt(tasks, second_order=True, rule=Adam(0.01)).head_b is None
     assert engine.adapt(tasks, second_order=False).head_b is None
+    # Several tasks together: only when the inner scope is exactly the head's A and B over states that
+    # reach the head (a prefix split: here none, every meta-parameter being in the head and nothing
+    # cached); otherwise the vmapped dense path.
+    head_only = head_lora_model(tiny_llama_dir, full_head=False, targets=["lm_head"])
+    engine = InnerLoop(head_only, trainable_named_parameters(head_only), 0.3, K, inner_scope=Scope("head"))
+    assert engine.factored_tasks(1) and not engine.factored_tasks(2)
     assert engine.adapt(engine.stack([engine.prepare_episode(ep) for ep in episodes]), second_order=True).head_b is None
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ["q_proj", "v_proj", "lm_head"]], ids=["head_only", "with_body"])
+def test_tasks_run_together_with_b_factored_equal_the_dense_sequential_loop(tiny_llama_dir, episodes, targets):
+    """T tasks whose inner scope is the head's adapter run their target rows in one forward, each
+    through its own A and factored B; the losses and meta-gradients equal one task at a time, dense."""
+    model = head_lora_model(tiny_llama_dir, full_head=True, targets=targets)
+    dense_grads, dense_losses, dense_b = meta_gradients(model, episodes, "per_tensor_per_step", factored=False)
+    named = trainable_named_parameters(model)
+    engine = InnerLoop(model, named, 0.3, K, learn_inner_lr="per_tensor_per_step", inner_scope=Scope("head"),
+                       prefix_cache=True)
+    assert engine.factored_tasks(len(episodes))
+    tasks = engine.stack([engine.prepare_episode(ep, support_graph=True) for ep in episodes])
+    adapted = engine.adapt(tasks, second_order=True)
+    assert adapted.head_b is not None and len(adapted.head_b.left) == len(episodes)
+    assert rel_err([adapted.head_b.dense(t).detach() for t in range(len(episodes))], dense_b) < 1e-12
+    losses = engine.losses(tasks.query, adapted)
+    assert losses.detach().tolist() == pytest.approx(dense_losses, rel=1e-12, abs=0)
+    grads = torch.autograd.grad(losses.sum(), engine.params + engine.rates)
+    assert rel_err(grads, dense_grads) < 1e-8  # the learned rates are float32: their sums round there
