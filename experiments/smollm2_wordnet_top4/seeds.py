@@ -4,8 +4,9 @@
 
 Each argument names a suite-and-training seed, the meta-steps its checkpoints had, and the bench
 output folders that scored them (gradient and in-context runs may be separate folders; their
-``results.json`` summaries are merged, the base's and SFT's in-context rows being independent of
-the budget). Writes ``OUT/seeds.csv`` (one row per seed, budget, method, adaptation, shots),
+``results.json`` summaries are merged). ``BENCH_DIR#METHOD`` keeps only that method's rows: the
+base's are the same at every budget, so a budget whose bench did not run the base in context can
+take those rows from another budget's folder. Writes ``OUT/seeds.csv`` (one row per seed, budget, method, adaptation, shots),
 ``OUT/seeds.md`` (the same, with each row's 95% interval and ANIL's margin over the best baseline at
 that seed and budget) and ``OUT/seeds.png`` (held-out exact match at 1 shot per class against
 meta-steps, one panel per seed).
@@ -23,8 +24,11 @@ def load(spec: str) -> list[dict]:
     head, _, dirs = spec.partition("=")
     seed, _, steps = head.partition(":")
     rows = []
-    for folder in dirs.split(","):
+    for item in dirs.split(","):
+        folder, _, only = item.partition("#")
         for entry in json.loads((Path(folder) / "results.json").read_text())["summary"]:
+            if only and entry["method"] != only:
+                continue
             rows.append({"seed": int(seed), "steps": int(steps), "method": entry["method"],
                          "adaptation": entry["adaptation"], "shots_per_class": entry["n_shots"],
                          "tasks": entry["n"], "exact_match": entry["exact_match"],

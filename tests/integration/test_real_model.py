@@ -326,22 +326,26 @@ def guard_bench_config(model_dir, suite_dir, out_dir, seed: int, steps: int = 20
     passes of a small WordNet suite, then every method adapted to each held-out task at 1 shot per
     class (3 SGD steps of the head adapter) and scored by query loss. Also run over 5 seeds by
     experiments/smollm2_wordnet_top4/guard_seeds.py, which is where the test's margin comes from."""
-    train = ["trainer.precision=fp32", "trainer.device=cpu", "data.max_length=128", "data.chat_template=auto",
-             "model.lora_rank=8", "model.lora_alpha=16", "model.target_modules=[lm_head]", "model.lora_full_head=true",
-             "model.train_top_layers=4", f"trainer.prefix_cache_dir={out_dir}/prefix_cache",
-             "meta.meta_batch_size=2", "meta.num_inner_steps=3", "meta.inner_lr=0.01", f"meta.outer_lr={outer_lr}",
-             "meta.task_batching=false", "optim.lr_scheduler=constant", "optim.warmup_steps_ratio=0",
-             f"trainer.total_training_steps={steps}", f"trainer.seed={seed}", "trainer.logger=[jsonl]"]
+    from metasft.demo import _override
+    from metasft.demo_llm import METHODS, REAL_TRAIN
+
+    # The demo's training settings (experiment 3's), with the guard's smaller budget: 2 tasks a step,
+    # a larger outer rate, no warmup.
+    train = dict(REAL_TRAIN, **{"trainer.device": "cpu", "model.train_top_layers": 4,
+                                "trainer.prefix_cache_dir": f"{out_dir}/prefix_cache", "meta.meta_batch_size": 2,
+                                "meta.outer_lr": outer_lr, "optim.warmup_steps_ratio": 0,
+                                "trainer.total_training_steps": steps, "trainer.seed": seed,
+                                "trainer.logger": ["jsonl"]})
     return {
         "base_model": str(model_dir), "tasks_dir": str(suite_dir), "output_dir": str(out_dir),
         "n_shots": [1], "shots": "per_class", "seeds": [seed], "adaptations": ["gradient"],
         "adapt": {"optimizer": "sgd", "lr": 0.03, "steps": 3, "batch_size": 5, "inner_scope": "head"},
         "eval": {"batch_size": 10, "max_query_rows": 10, "generation": False},
         "data": {"chat_template": "auto", "max_length": 256},
-        "base_adapters_from": "sft", "train_overrides": train, "train_parallel": 1, "device": "cpu",
-        "methods": [{"name": "sft", "config_name": "sft", "overrides": ["meta.inner_batch_size=20"]},
-                    {"name": "anil", "config_name": "maml", "overrides": [
-                        "meta.inner_scope=head", "meta.inner_batch_size=5", "meta.query_batch_size=5"]}],
+        "base_adapters_from": "sft", "train_overrides": [_override(k, v) for k, v in train.items()],
+        "train_parallel": 1, "device": "cpu",
+        "methods": [{"name": name, "config_name": METHODS[name][0],
+                     "overrides": [_override(k, v) for k, v in METHODS[name][1].items()]} for name in ("sft", "anil")],
     }
 
 
