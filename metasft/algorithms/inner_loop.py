@@ -492,8 +492,9 @@ class InnerLoop:
         """Whether MAML's inner loop can keep the head's B factored for ``size`` tasks at once: one
         task whenever the inner scope holds the head's lora_B; several when the inner scope is exactly
         the head's lora_A and lora_B over prefix states that reach the head directly, so the tasks'
-        target rows run together (:meth:`_task_rows_losses`)."""
-        if self.head_b is None:
+        target rows run together (:meth:`_task_rows_losses`). Not under FSDP2, whose sharded
+        parameters are gathered by the modules' own hooks, which the swapped-in modules bypass."""
+        if self.head_b is None or has_dtensors(self.params):
             return False
         return size == 1 or (self.head_b.a_index is not None and self.window is not None
                              and self.split_at == self.window.parts.num_layers)
