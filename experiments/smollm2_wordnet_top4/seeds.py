@@ -26,15 +26,29 @@ def load(spec: str) -> list[dict]:
     rows = []
     for item in dirs.split(","):
         folder, _, only = item.partition("#")
-        for entry in json.loads((Path(folder) / "results.json").read_text())["summary"]:
+        result = json.loads((Path(folder) / "results.json").read_text())
+        for entry in result["summary"]:
             if only and entry["method"] != only:
                 continue
             rows.append({"seed": int(seed), "steps": int(steps), "method": entry["method"],
                          "adaptation": entry["adaptation"], "shots_per_class": entry["n_shots"],
                          "tasks": entry["n"], "exact_match": entry["exact_match"],
                          "exact_match_ci95": entry["exact_match_ci95"], "query_loss": entry["query_loss"],
-                         "query_loss_ci95": entry["query_loss_ci95"], "source": folder})
+                         "query_loss_ci95": entry["query_loss_ci95"],
+                         "rate_chosen_by": "–" if entry["adaptation"] != "gradient" else rate_rule(result, Path(folder)),
+                         "source": folder})
     return rows
+
+
+def rate_rule(result: dict, folder: Path) -> str:
+    """How the bench chose the adaptation rate: the rule and the number of validation tasks."""
+    rule = "query loss" if result["config"]["adapt"].get("select_lr_by") == "query_loss" else "exact match"
+    trials = folder / "validation.csv"
+    if not trials.is_file():
+        return "–"
+    with open(trials) as f:
+        tasks = {row["task"] for row in csv.DictReader(f)}
+    return f"{rule}, {len(tasks)} validation tasks"
 
 
 def margins(rows: list[dict], meta: str = "anil", shots: int = 1) -> list[dict]:
@@ -69,11 +83,11 @@ def main(argv: list[str]) -> None:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| seed | meta-steps | method | adaptation | shots per class | exact match | query loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| seed | meta-steps | method | adaptation | shots per class | exact match | query loss | rate chosen by |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['seed']} | {r['steps']} | {r['method']} | {r['adaptation']} | {r['shots_per_class']} | "
-                     f"{r['exact_match']:.3f} ± {r['exact_match_ci95']:.3f} | {r['query_loss']:.2f} |")
+                     f"{r['exact_match']:.3f} ± {r['exact_match_ci95']:.3f} | {r['query_loss']:.2f} | {r['rate_chosen_by']} |")
     lines += ["", "ANIL against the best baseline at 1 shot per class (exact match; intervals: 95%, over the 10 held-out tasks):", "",
               "| seed | meta-steps | ANIL | best baseline | its score | margin | intervals apart | apart from every baseline |",
               "|---|---|---|---|---|---|---|---|"]
