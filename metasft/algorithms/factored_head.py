@@ -13,10 +13,12 @@ against it in float64). What it saves is the dense vocabulary × rank tensors: o
 adapter (49,152 × 576) every inner step made a dense B, its gradient, and their second-order
 backward — 72% of an ANIL meta-step (docs/real_model.md). Factored, those are vocabulary × n.
 
-The engine uses it for MAML's inner loop on one task at a time when the inner scope holds the head's
-``lora_B`` and the inner rule is SGD with a fixed or learned rate per tensor (the update is then a
-scalar times Gᵀz). Everything else — other rules, task batching, first-order paths whose φ is held in
-place — keeps the dense path.
+The engine uses it for MAML's inner loop when the inner scope holds the head's ``lora_B`` and the
+inner rule is SGD with a fixed or learned rate per tensor (the update is then a scalar times Gᵀz):
+for one task, and for T tasks at once when the inner scope is exactly the head adapter's A and B
+over states that reach the head directly (their target rows then run in one forward, each task's
+through its own A, :class:`PerTaskLinear`, and factored B). Everything else — other rules, FSDP2's
+sharded parameters, first-order paths whose φ is held in place — keeps the dense path.
 """
 
 from __future__ import annotations
