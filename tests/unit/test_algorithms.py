@@ -54,14 +54,18 @@ def load_double(model_dir, lora=False):
     model = load_model(cfg).double()
     model.train()
     if lora:
-        # peft initialises lora_B to zero, which makes every lora_A gradient zero: perturb it so
-        # the test exercises both factors.
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        perturb_lora_b(model)
     return model
+
+
+def perturb_lora_b(model) -> None:
+    """peft initialises lora_B to zero, which makes every lora_A gradient zero: perturb it so a test
+    exercises both factors."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def engine_grad(model, algorithm_name, episodes, lr=INNER_LR, **meta):

@@ -15,7 +15,7 @@ from metasft.config import ModelConfig
 from metasft.model import load_model, trainable_named_parameters
 from metasft.scope import Scope
 
-from test_algorithms import K, make_episodes, rel_err
+from test_algorithms import K, make_episodes, perturb_lora_b, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,7 @@ def head_lora_model(model_dir, full_head, targets=("q_proj", "v_proj", "lm_head"
     cfg = ModelConfig(partial_pretrain=str(model_dir), lora_rank=4, lora_alpha=8, lora_full_head=full_head,
                       target_modules=list(targets))
     model = load_model(cfg).double()
-    # lora_B starts at zero; move it so that every term of the step (and A's gradient) is exercised.
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    perturb_lora_b(model)  # every term of the step, and A's gradient, is then exercised
     return model
 
 
