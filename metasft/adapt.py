@@ -84,12 +84,13 @@ def steps_for_epochs(num_rows: int, batch_size: int, epochs: int) -> int:
 def dataset_loss(engine: InnerLoop, rows, batch_size: int, pad_token_id: int,
                  row_shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
     """(summed token loss of this rank's share of ``rows``, target count of all ``rows``) at the
-    model's current weights; summing the first over ranks and dividing gives the token mean."""
+    model's current weights; summing the first over ranks and dividing gives the token mean. The
+    layers below the engine's inner scope run once per row (its prefix cache), as in adaptation."""
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         batch = collate_for_rank(chunk, pad_token_id, *row_shard, device=engine.device)
-        with engine._context():
+        with engine.prefixed(batch) as batch:
             s, _ = target_loss_sum(engine.model, batch)
         total += float(s)
         count += sum(r.num_targets for r in chunk)
@@ -114,7 +115,8 @@ def adapt_and_score(engine: InnerLoop, task: Task, *, num_steps: int, batch_size
 
             n = min(exact_match_rows, len(task.query))
             scores["exact_match"] = evaluate_rows(engine.model, tokenizer, task.query[:n], task.query_examples[:n],
-                                                  batch_size=eval_batch_size, device=engine.device)["exact_match"]
+                                                  batch_size=eval_batch_size, device=engine.device,
+                                                  engine=engine)["exact_match"]
     finally:
         engine.restore()
     return scores

@@ -113,6 +113,8 @@ def write_bench_config(out: Path, model_dir: Path, tasks_dir: Path, steps: int, 
         "train_parallel": 2,
         "train_threads": 1,
         "output_dir": str(out),
+        # The trainings' cache: the validation rows they evaluated are not run through 30 layers again.
+        "prefix_cache_dir": str(out / "prefix_cache"),
         "methods": [],
     }
     for name in methods:

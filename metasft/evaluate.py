@@ -37,12 +37,15 @@ def _prompt_ids(row: Encoded) -> list[int]:
 
 @torch.no_grad()
 def loss_and_token_accuracy(model, rows: list[Encoded], batch_size: int, pad_token_id: int,
-                            device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                            device: torch.device, autocast_dtype: torch.dtype | None = None,
+                            engine=None) -> dict[str, float]:
+    """``engine``: an :class:`~metasft.algorithms.InnerLoop` over ``model``; the layers below its inner
+    scope then run once per row (its prefix cache), not once per evaluation."""
     total_loss, correct, count = 0.0, 0, 0
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_token_id).items()}
-        with ctx:
+        with ctx, (engine.prefixed(batch) if engine is not None else contextlib.nullcontext(batch)) as batch:
             logits, labels, positions = target_logits(model, batch)
         loss_sum, n = token_loss_sum(logits, labels, positions)
         labels = labels[:, 1:] if positions is None else labels[:, positions + 1]
@@ -80,14 +83,16 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 
 def evaluate_rows(model, tokenizer, rows: list[Encoded], examples: list[Example], *, batch_size: int = 32,
                   max_new_tokens: int | None = None, with_generation: bool = True,
-                  device: torch.device | None = None, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """All metrics of one set of rows; the model is put in eval mode and left as it was."""
+                  device: torch.device | None = None, autocast_dtype: torch.dtype | None = None,
+                  engine=None) -> dict[str, float]:
+    """All metrics of one set of rows; the model is put in eval mode and left as it was. ``engine``:
+    see :func:`loss_and_token_accuracy` (generation runs every layer)."""
     device = device or next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
-        result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype)
+        result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype, engine)
         if with_generation:
             if max_new_tokens is None:
                 max_new_tokens = max(r.num_targets for r in rows) + 4

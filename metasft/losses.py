@@ -108,16 +108,19 @@ def _head_rows(head: torch.nn.Module, mask: torch.Tensor):
     """Within: ``head`` is applied to the hidden states at ``mask`` only, ``[rows, length, hidden]``
     → ``[n, hidden]`` (row by row), so its output is ``[n, vocabulary]``."""
 
+    calls = []  # yielded: non-empty once the head has run on the gathered states
+
     def gather(module, args):
         hidden = args[0]
         if hidden.shape[:2] != mask.shape:
             raise RuntimeError(f"output head called on hidden states of shape {tuple(hidden.shape)}, "
                                f"expected [rows, length] = {tuple(mask.shape)}")
+        calls.append(module)
         return (hidden[mask], *args[1:])
 
     handle = head.register_forward_pre_hook(gather)
     try:
-        yield
+        yield calls
     finally:
         handle.remove()
 
@@ -137,8 +140,10 @@ def logits_at_targets(model, batch: dict[str, torch.Tensor], module=None) -> tup
     shifted = batch["labels"][:, 1:]
     targets = shifted != IGNORE_INDEX
     predicts = torch.cat([targets, targets.new_zeros((targets.shape[0], 1))], 1)  # the last position predicts nothing
-    with _head_rows(head, predicts):
+    with _head_rows(head, predicts) as calls:
         logits = forward_logits(model, batch)
+    if not calls:  # a model that computes its logits without calling its head module: all positions came back
+        logits = logits[predicts]
     return logits, shifted[targets]
 
 

@@ -348,6 +348,15 @@ class InnerLoop:
             param.grad = grad
 
     # ------------------------------------------------------------------ losses and gradients
+    @contextlib.contextmanager
+    def prefixed(self, batch: Batch):
+        """Within: ``batch`` with the states entering ``split_at`` attached (:meth:`with_prefix`, from
+        the prefix cache when there is one), and the model running only the layers from there up; for
+        evaluating rows at the current weights, as adaptation runs them."""
+        batch = self.with_prefix(batch)
+        with self._context(), self._suffix(batch):
+            yield batch
+
     def _context(self, double_backward: bool = False, vmapped: bool = False):
         stack = contextlib.ExitStack()
         if self.autocast_dtype is not None:

@@ -32,8 +32,12 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     model, tokenizer, _ = load_pretrained(checkpoint, key=f"method {name}:")
     model.to(device)
     model.train()
+    # The layers below the method's adapters never change: each row's states there are computed once
+    # (for every rate of the grid, and with a directory for every method) and only the layers above
+    # run for adaptation and query losses. Generation still runs every layer.
     engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps,
-                       inner_scope=parse_scope(cfg.adapt.inner_scope))
+                       inner_scope=parse_scope(cfg.adapt.inner_scope), prefix_cache=True,
+                       prefix_cache_dir=cfg.prefix_cache_dir)
     # A checkpoint with learned inner rates adapts with them (SGD), the adaptation it was trained for;
     # there is then no learning rate to choose.
     learned = cfg.adapt.optimizer == "sgd" and load_learned_rates(engine, checkpoint)
@@ -58,7 +62,7 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
         adapt_seconds = time.perf_counter() - started
         scores = evaluate_rows(model, tokenizer, query_rows, task.query_examples[: len(query_rows)],
                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                               with_generation=cfg.eval.generation and generation, device=device)
+                               with_generation=cfg.eval.generation and generation, device=device, engine=engine)
         engine.restore()
         on_done()
         return {"method": name, "adaptation": "gradient", "task": task.name, "n_shots": n_shots, "seed": seed,

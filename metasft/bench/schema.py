@@ -81,6 +81,10 @@ class BenchConfig:
                 "ties and otherwise the lower val/query_loss_post). Needs validation tasks and "
                 "trainer.test_freq > 0; a checkpoint is then saved at every evaluation.")
     output_dir: str = _f("bench", "Where results, runs and plots go.")
+    prefix_cache_dir: Optional[str] = _f(
+        None, "Where the frozen layers' states of each evaluated row are kept (the layers below every "
+              "method's adapters, run once per row for adaptation and query losses); a trainer.prefix_cache_dir "
+              "shares the trainings' rows. null = in memory, per method.")
     device: str = _f("auto", "Device for adaptation and evaluation.")
 
 

@@ -194,6 +194,37 @@ def test_eval_metrics_equal_values_computed_by_hand(tmp_path, tiny_llama_dir, to
     assert 0 < correct < total  # teacher-forcing the greedy output scores its tokens
 
 
+def test_evaluation_through_the_prefix_cache_equals_the_whole_model(tiny_llama_dir, tokenizer):
+    """With an engine whose meta-parameters start at layer 1, the query loss and token accuracy
+    (``evaluate_rows(engine=...)``, ``adapt.dataset_loss``) run layer 0 once per row, from the
+    engine's prefix cache, and equal the whole model's forward (float64, rows of different lengths
+    in one batch); a second evaluation reads every row back."""
+    from metasft.adapt import dataset_loss
+    from metasft.algorithms import InnerLoop
+    from metasft.data.formatting import Example
+    from metasft.data.tokenize import encode_examples
+    from metasft.evaluate import evaluate_rows
+
+    model = load64(tiny_llama_dir)
+    texts = [("map: 2 0 4 3 1", "1 3 0 2 4"), ("What is 3 + 4?", "7"), ("map: 1 5", "3 2"),
+             ("Hello, how are you today?", "fine, thanks")]
+    examples = [Example(prompt=p, response=r) for p, r in texts]
+    rows = encode_examples(examples, tokenizer, max_length=64)
+    want = evaluate_rows(model, tokenizer, rows, examples, batch_size=3, with_generation=False)
+    top = [(n, p) for n, p in model.named_parameters() if ".layers.1." in n or n.startswith(("model.norm", "lm_head"))]
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name == n for n, _ in top))
+    engine = InnerLoop(model, top, 0.1, 1, prefix_cache=True)
+    assert engine.split_at == 1 and engine.prefix_cache.cut == 1
+    got = evaluate_rows(model, tokenizer, rows, examples, batch_size=3, with_generation=False, engine=engine)
+    assert engine.prefix_cache.misses == len(rows) and engine.prefix_cache.hits == 0
+    assert got["query_loss"] == pytest.approx(want["query_loss"], rel=1e-12)
+    assert got["token_accuracy"] == want["token_accuracy"] and got["target_tokens"] == want["target_tokens"]
+    total, count = dataset_loss(engine, rows, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    assert engine.prefix_cache.misses == len(rows) and engine.prefix_cache.hits == len(rows)  # read back
+    assert count == want["target_tokens"] and total / count == pytest.approx(want["query_loss"], rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- LoRA end to end
 
 @pytest.mark.slow

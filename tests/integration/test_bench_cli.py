@@ -395,3 +395,39 @@ def test_fresh_base_adapters_keep_a_full_head_and_reload_as_the_base(tmp_path, t
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_tied_dir)
     assert torch.allclose(adapted(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+
+
+def test_bench_prefix_cache_dir_shares_the_frozen_layers_states_and_changes_no_score(tmp_path, tiny_llama_tied_dir):
+    """With a head-only adapter every decoder layer is frozen: ``prefix_cache_dir`` keeps each
+    evaluated row's states there, one folder for every method of that frozen model; the scores equal
+    a bench that keeps them in memory, and a second bench computes no row again."""
+    from metasft.bench.methods import base_with_fresh_adapters
+    from metasft.config import ModelConfig
+
+    data = make_labelled_suite(tmp_path, n_held_out=2, n_validation=1)
+    like = ModelConfig(lora_rank=2, lora_alpha=4, target_modules=["lm_head"], lora_full_head=True)
+    adapters = base_with_fresh_adapters(str(tiny_llama_tied_dir), like, tmp_path / "head_adapters")
+    config = {"base_model": str(adapters), "tasks_dir": str(data), "n_shots": [1], "shots": "per_class",
+              "adapt": {"lr_grid": [0.1, 1.0], "steps": 2, "batch_size": 3, "inner_scope": "head",
+                        "select_lr_by": "query_loss"},
+              "eval": {"max_new_tokens": 3}, "data": {"chat_template": "none", "max_length": 64},
+              "methods": [{"name": "sft", "checkpoint": str(adapters)}]}
+
+    def bench(name, **extra):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**config, **extra, "output_dir": str(tmp_path / name)}))
+        assert main(["bench", "--config", str(tmp_path / f"{name}.yaml")]) == 0
+        return list(csv.DictReader(open(tmp_path / name / "results.csv")))
+
+    in_memory = bench("memory")
+    cache = tmp_path / "cache"
+    on_disk = bench("disk", prefix_cache_dir=str(cache))
+    (folder,) = list(cache.iterdir())  # base and sft: one frozen model, one folder
+    stamps = {f: f.stat().st_mtime_ns for f in folder.glob("*.pt")}
+    # The validation task's and both held-out tasks' query rows and shots: 3 tasks × (6 + 3) rows.
+    assert len(stamps) == 3 * (6 + 3)
+    for a, b in zip(in_memory, on_disk):
+        assert (a["method"], a["task"], a["adapt_lr"], a["exact_match"]) == (b["method"], b["task"], b["adapt_lr"],
+                                                                           b["exact_match"])
+        assert float(a["query_loss"]) == pytest.approx(float(b["query_loss"]), rel=1e-5)
+    assert bench("again", prefix_cache_dir=str(cache)) == on_disk
+    assert {f: f.stat().st_mtime_ns for f in folder.glob("*.pt")} == stamps

@@ -168,3 +168,16 @@ def test_logits_at_target_positions_only_give_the_same_loss_and_gradient(tiny_ll
     wrapped = NoKeep()
     assert not accepts_logits_to_keep(wrapped)
     assert torch.allclose(lm_loss(wrapped, batch).detach(), full, rtol=1e-12)
+
+    class OwnProjection(NoKeep):  # has an output head, but computes its logits from the head's weight
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            hidden = self.inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return type("Out", (), {"logits": hidden @ self.inner.lm_head.weight.T})
+
+    own = OwnProjection()
+    logits, targets = logits_at_targets(own, batch)  # the head never ran: the full logits, gathered after
+    assert logits.shape == (5, model.config.vocab_size)
+    assert torch.allclose(lm_loss(own, batch).detach(), full, rtol=1e-12)
