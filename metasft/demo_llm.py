@@ -45,7 +45,7 @@ ROWS = 5             # support rows per inner step, query rows per meta-step
 ROWS_PER_TASK = ROWS * (K + 1)
 LORA_MODULES = ["lm_head"]  # with model.lora_full_head: the head delta only (experiment 3)
 ADAPT_LR_GRID = [0.003, 0.01, 0.03, 0.1]
-CURVE_POINTS = 5     # validation evaluations per run: each runs all 30 layers (~1.5 min on one thread)
+CURVE_POINTS = 5     # validation evaluations per run: losses from the cache, generation through all 30 layers
 
 REAL_TRAIN = {  # trainer.device stays auto: the same command runs on a GPU when there is one
     "trainer.precision": "fp32",

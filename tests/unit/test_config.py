@@ -166,6 +166,9 @@ def test_auto_does_not_batch_tasks_on_a_large_model(overrides, expected):
     assert (expected == 1) == ("measured slower" in reason)
     small, _ = resolve_tasks_per_pass(cfg, num_model_params=AUTO_BATCHING_MAX_MODEL_PARAMS)
     assert small == 4
+    # Tasks that run by rows (MAML over the head adapter on cached layers) batch on any model.
+    by_rows, _ = resolve_tasks_per_pass(cfg, num_model_params=AUTO_BATCHING_MAX_MODEL_PARAMS + 1, tasks_by_rows=True)
+    assert by_rows == 4
 
 
 def test_validation_reads_what_an_algorithm_declares(monkeypatch):
