@@ -4,7 +4,8 @@
 
 Each argument names a suite-and-training seed, the meta-steps its checkpoints had, and the bench
 output folders that scored them (gradient and in-context runs may be separate folders; their
-``results.json`` summaries are merged). ``BENCH_DIR#METHOD`` keeps only that method's rows: the
+``results.json`` summaries are merged). ``BENCH_DIR#METHOD`` keeps only that method's rows
+(``BENCH_DIR#METHOD/ADAPTATION`` only its rows of that adaptation, gradient or in_context): the
 base's are the same at every budget, so a budget whose bench did not run the base in context can
 take those rows from another budget's folder. Writes ``OUT/seeds.csv`` (one row per seed, budget, method, adaptation, shots),
 ``OUT/seeds.md`` (the same, with each row's 95% interval and ANIL's margin over the best baseline at
@@ -26,9 +27,10 @@ def load(spec: str) -> list[dict]:
     rows = []
     for item in dirs.split(","):
         folder, _, only = item.partition("#")
+        method, _, adaptation = only.partition("/")
         result = json.loads((Path(folder) / "results.json").read_text())
         for entry in result["summary"]:
-            if only and entry["method"] != only:
+            if (method and entry["method"] != method) or (adaptation and entry["adaptation"] != adaptation):
                 continue
             rows.append({"seed": int(seed), "steps": int(steps), "method": entry["method"],
                          "adaptation": entry["adaptation"], "shots_per_class": entry["n_shots"],
