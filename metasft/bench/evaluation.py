@@ -34,9 +34,11 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
     model.train()
     # The layers below the method's adapters never change: each row's states there are computed once
     # (for every rate of the grid, and with a directory for every method) and only the layers above
-    # run for adaptation and query losses. Generation still runs every layer.
+    # run for adaptation and query losses. Generation still runs every layer. Without a directory the
+    # states are kept in memory on a CPU only: an accelerator's memory is kept for the model.
     engine = InnerLoop(model, trainable_named_parameters(model), cfg.adapt.lr, cfg.adapt.steps,
-                       inner_scope=parse_scope(cfg.adapt.inner_scope), prefix_cache=True,
+                       inner_scope=parse_scope(cfg.adapt.inner_scope),
+                       prefix_cache=cfg.prefix_cache_dir is not None or torch.device(device).type == "cpu",
                        prefix_cache_dir=cfg.prefix_cache_dir)
     # A checkpoint with learned inner rates adapts with them (SGD), the adaptation it was trained for;
     # there is then no learning rate to choose.

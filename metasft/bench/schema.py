@@ -84,7 +84,7 @@ class BenchConfig:
     prefix_cache_dir: Optional[str] = _f(
         None, "Where the frozen layers' states of each evaluated row are kept (the layers below every "
               "method's adapters, run once per row for adaptation and query losses); a trainer.prefix_cache_dir "
-              "shares the trainings' rows. null = in memory, per method.")
+              "shares the trainings' rows. null = in memory, per method, on a CPU (not on an accelerator).")
     device: str = _f("auto", "Device for adaptation and evaluation.")
 
 
