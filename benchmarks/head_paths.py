@@ -11,6 +11,10 @@ Keys (time of the old path over the new one, medians over rounds, alternating or
 - ``anil_sequential_over_task_rows``: the same factored ANIL meta-step, the 4 tasks one at a time
   against all 4 together (``meta.task_batching=true``: their target rows in one forward, each
   through its own A and factored B; the base head and B_0 read once a pass for all tasks).
+- ``fomaml_dense_over_task_rows`` and ``reptile_dense_over_task_rows``: one FOMAML meta-step (K = 3
+  and a query batch) and one Reptile meta-step (K = 4), the inner scope the head adapter: the 4 tasks
+  one at a time with φ held in the model, B dense, against their target rows together with B
+  factored, first order (each step's terms constants; B's meta-gradient one dense Gᵀz or −Σ U M).
 - ``loss_positions_over_gathered``: one loss forward and backward to the head adapter on 20 rows,
   the head run at every position where any row has a target (``logits_to_keep``) against only at
   the target tokens (``metasft.losses.logits_at_targets``): the multi-task SFT step's head.
@@ -92,6 +96,18 @@ def head_ratios(paired_ratios, rounds: int) -> dict:
     def step_together():
         run_meta_step(together.engine, together.algorithm, eps, len(eps), together.optimizer, clip_grad=1.0,
                       tasks_per_pass=len(eps))
+    first_order = {}
+    for name, k in (("fomaml", 3), ("reptile", 4)):
+        dense_fo = Stepper(copy.deepcopy(model), name, k, prefix_cache=True)
+        dense_fo.engine.head_b = None
+        rows_fo = Stepper(copy.deepcopy(model), name, k, prefix_cache=True)
+        assert rows_fo.engine.factors_head(len(eps), second_order=False)
+        steps = episodes(k=k)
+
+        def by_rows(stepper=rows_fo, steps=steps):
+            run_meta_step(stepper.engine, stepper.algorithm, steps, len(steps), stepper.optimizer, clip_grad=1.0,
+                          tasks_per_pass=len(steps))
+        first_order[f"{name}_dense_over_task_rows"] = (lambda stepper=dense_fo, steps=steps: stepper(steps), by_rows)
     rows20 = batch(torch.Generator().manual_seed(2), 20)
     params = [p for _, p in trainable_named_parameters(model)]
 
@@ -101,6 +117,7 @@ def head_ratios(paired_ratios, rounds: int) -> dict:
     ratios, seconds = paired_ratios({
         "anil_dense_over_factored": (lambda: dense(eps), lambda: factored(eps)),
         "anil_sequential_over_task_rows": (lambda: factored(eps), step_together),
+        **first_order,
         "loss_positions_over_gathered": (lambda: loss_step(False), lambda: loss_step(True)),
     }, rounds)
     return {**ratios, "seconds": seconds, "threads": torch.get_num_threads()}

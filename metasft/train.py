@@ -83,9 +83,10 @@ def resolve_tasks_per_pass(cfg: Config, num_model_params: int | None = None,
     ``meta.task_batching: auto`` batches where it is supported (see
     :func:`~metasft.config.task_batching_conflict`) and was measured faster at no large cost in
     memory: models of up to ``AUTO_BATCHING_MAX_MODEL_PARAMS`` parameters, full weights or LoRA, and
-    any model whose tasks run by rows (``tasks_by_rows``: MAML with the head adapter as the inner
-    scope over cached layers, :meth:`~metasft.algorithms.InnerLoop.factored_tasks`; 2.9x faster a
-    step on SmolLM2's head, benchmarks/head_paths.py, and only the target rows' activations). A
+    any model whose tasks run by rows (``tasks_by_rows``: MAML, FOMAML or Reptile with the head
+    adapter as the inner scope over cached layers, :meth:`~metasft.algorithms.InnerLoop.factors_head`;
+    2.9x faster a step on SmolLM2's head, benchmarks/head_paths.py, and only the target rows'
+    activations). A
     lone task always runs sequentially, so a meta-batch of one gets no slower. ``true`` batches
     regardless (a conflict was already refused by config validation)."""
     from metasft.config import task_batching_conflict
@@ -241,7 +242,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, [p for _, p in self.named_params], self.engine.rates)
         self.tasks_per_pass, self.batching_off_reason = resolve_tasks_per_pass(
             cfg, num_model_params=count_parameters(self.model)[0],
-            tasks_by_rows=self.algorithm.second_order and self.engine.factored_tasks(2))
+            tasks_by_rows=self.engine.factors_head(2, self.algorithm.second_order, self.engine.update_rule(
+                optimizer=getattr(self.algorithm, "inner_optimizer", "sgd"))))
         self.step = 0
         self._signal = 0
         self.nonfinite_total = 0

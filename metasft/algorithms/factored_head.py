@@ -17,8 +17,12 @@ The engine uses it for MAML's inner loop when the inner scope holds the head's `
 inner rule is SGD with a fixed or learned rate per tensor (the update is then a scalar times Gᵀz):
 for one task, and for T tasks at once when the inner scope is exactly the head adapter's A and B
 over states that reach the head directly (their target rows then run in one forward, each task's
-through its own A, :class:`PerTaskLinear`, and factored B). Everything else — other rules, FSDP2's
-sharded parameters, first-order paths whose φ is held in place — keeps the dense path.
+through its own A, :class:`PerTaskLinear`, and factored B). FOMAML and Reptile use it too, first
+order (the terms detached), with SGD at a fixed rate: their meta-gradient needs B only as one dense
+sum over the tasks, Gᵀz at the query pass (:meth:`LowRankB.weight_grad`) or −Σ U M
+(:meth:`LowRankB.displacement`). Everything else — other rules, first-order learned rates (which
+need every step's dense gradient), FSDP2's sharded parameters, adaptation that leaves φ in the model
+(``metasft adapt``, ``bench``) — keeps the dense path.
 """
 
 from __future__ import annotations
@@ -106,14 +110,18 @@ class LowRankB(torch.nn.Module):
         _plain(self, last_input=x, last_output=out)
         return out
 
-    def stepped(self, grad_output: torch.Tensor, rate: torch.Tensor | float) -> "LowRankB":
+    def _rows(self, grad_output: torch.Tensor, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        g = grad_output.reshape(-1, grad_output.shape[-1])          # [n, vocabulary]
+        z = self.last_input.reshape(-1, self.last_input.shape[-1])  # [n, rank]
+        return (g.detach(), z.detach()) if detach else (g, z)
+
+    def stepped(self, grad_output: torch.Tensor, rate: torch.Tensor | float, detach: bool = False) -> "LowRankB":
         """B after one SGD step, B − rate · Gᵀz per task, from the gradient G with respect to the last
-        output.
+        output; ``detach``: a first-order step, whose terms are constants.
 
         The loss computes the head at the target tokens only (metasft.losses.logits_at_targets), so
         G and z have one row per target; at any other row G would be zero and add nothing."""
-        g = grad_output.reshape(-1, grad_output.shape[-1])          # [n, vocabulary]
-        z = self.last_input.reshape(-1, self.last_input.shape[-1])  # [n, rank]
+        g, z = self._rows(grad_output, detach)
         g_parts, z_parts = _split(g, self.counts), _split(z, self.counts)
         left = [gt.transpose(0, 1) for gt in g_parts]
         right = [-rate * zt for zt in z_parts]
@@ -121,6 +129,21 @@ class LowRankB(torch.nn.Module):
             left = [torch.cat([old, new], 1) for old, new in zip(self.left, left)]
             right = [torch.cat([old, new], 0) for old, new in zip(self.right, right)]
         return LowRankB(self.base, left, right)
+
+    @torch.no_grad()
+    def weight_grad(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """The gradient with respect to B of a loss whose gradient with respect to the last output is
+        ``grad_output``, summed over the tasks' rows: Gᵀz, one dense tensor (a first-order
+        meta-gradient, which treats B as a constant)."""
+        g, z = self._rows(grad_output, detach=True)
+        return g.transpose(0, 1) @ z
+
+    @torch.no_grad()
+    def displacement(self) -> torch.Tensor:
+        """Σ_t (B_0 − B_t) = −Σ_t U_t M_t over the tasks, one dense tensor (Reptile's update)."""
+        if self.left is None:
+            return torch.zeros_like(self.base)
+        return -(torch.cat(self.left, 1) @ torch.cat(self.right, 0))
 
     def dense(self, task: int = 0) -> torch.Tensor:
         """Task ``task``'s B as one tensor (for tests)."""

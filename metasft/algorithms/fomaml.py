@@ -20,7 +20,7 @@ class FOMAML(MetaAlgorithm):
 
     def run(self, engine: InnerLoop, tasks: TaskBatch, weight: float, want_pre: bool) -> list[TaskMetrics]:
         metrics = engine.start_metrics(tasks, want_pre)
-        adapted = engine.adapt(tasks, metrics)
+        adapted = engine.adapt(tasks, metrics, factor_head=True)  # φ read back only through the engine
         query_losses = engine.losses(tasks.query, adapted)
         engine.record_losses(tasks, metrics, "query_loss_post", query_losses, count_tokens=True)
         # Every meta-parameter's gradient: the inner scope's at φ (summed over tasks), the rest at θ.

@@ -458,19 +458,23 @@ class InnerLoop:
                         randomness="different")(weights, batch)
 
     def adapt(self, tasks: TaskBatch, metrics: list[TaskMetrics] | None = None, second_order: bool = False,
-              rule=None) -> "Adapted":
+              rule=None, factor_head: bool = False) -> "Adapted":
         """K inner steps of ``rule`` (default :meth:`update_rule`) on every task's support batches.
 
         ``second_order`` (MAML): φ stays a differentiable function of θ (and of learned rates).
         Otherwise each step's gradient is a constant; with learned rates those gradients are kept
-        in the returned :class:`Adapted` for the first-order α-gradient."""
+        in the returned :class:`Adapted` for the first-order α-gradient. ``factor_head``: a
+        first-order caller that reads φ only through :meth:`losses`, :meth:`first_order_grads` and
+        :meth:`displacement` (FOMAML, Reptile) lets the head's B stay factored as MAML's does
+        (:meth:`factors_head`); φ is then never written to the model."""
         rule = rule or self.update_rule()
         keep_grads = self.learning_rates and not second_order
-        in_place = tasks.size == 1 and not second_order
-        adapted = Adapted(None if in_place else self._start_weights(tasks.size, second_order), [] if keep_grads else None)
-        factored = second_order and self.factored_tasks(tasks.size) and hasattr(rule, "rate")
+        factored = (second_order or factor_head) and self.factors_head(tasks.size, second_order, rule)
+        in_place = tasks.size == 1 and not second_order and not factored
+        skip = self.head_b.index if factored else None  # B is held as LowRankB, never copied
+        adapted = Adapted(None if in_place else self._start_weights(tasks.size, second_order, skip),
+                          [] if keep_grads else None)
         if factored:
-            del adapted.weights[self.inner_names[self.head_b.index]]
             adapted.head_b = LowRankB(self.inner_params[self.head_b.index])
             dense_rule = rule.subset([i for i in range(len(self.inner_names)) if i != self.head_b.index])
         for k, batch in enumerate(tasks.support):
@@ -478,7 +482,7 @@ class InnerLoop:
             for m, ep, value in zip(metrics or [], tasks.episodes, losses.detach().tolist()):
                 _record_inner_step(m, k, ep.support_batches[k], value)
             if factored:
-                self._factored_step(adapted, losses.sum(), rule, dense_rule, k)
+                self._factored_step(adapted, losses.sum(), rule, dense_rule, k, graph=second_order)
                 continue
             wrt = self.inner_params if in_place else list(adapted.weights.values())
             whole = in_place and len(self.inner_params) == len(self.params)
@@ -496,6 +500,14 @@ class InnerLoop:
                     new = rule.step(wrt, grads, k)
                 adapted.weights = {n: w.requires_grad_() for n, w in zip(adapted.weights, new)}
         return adapted
+
+    def factors_head(self, size: int, second_order: bool, rule=None) -> bool:
+        """Whether :meth:`adapt` keeps the head's B factored for ``size`` tasks: an SGD rule with a rate
+        per tensor (the step is then a scalar times Gᵀz), not first order with learned rates (their
+        α-gradient needs each step's dense gradient), and :meth:`factored_tasks`."""
+        rule = rule or self.update_rule()
+        return (hasattr(rule, "rate") and (second_order or not self.learning_rates)
+                and self.factored_tasks(size))
 
     def factored_tasks(self, size: int) -> bool:
         """Whether MAML's inner loop can keep the head's B factored for ``size`` tasks at once: one
@@ -527,26 +539,32 @@ class InnerLoop:
         sums = torch.stack([part.sum() for part in token_losses.split(counts)])
         return sums / torch.tensor(counts, device=sums.device).clamp(min=1)
 
-    def _factored_step(self, adapted: "Adapted", loss: torch.Tensor, rule, dense_rule, k: int) -> None:
-        """One second-order inner step with the head's B factored: the dense inner tensors by
-        ``dense_rule``; B by the gradient with respect to its last output (the logits' LoRA term)."""
+    def _factored_step(self, adapted: "Adapted", loss: torch.Tensor, rule, dense_rule, k: int, graph: bool) -> None:
+        """One inner step with the head's B factored: the dense inner tensors by ``dense_rule``; B by
+        the gradient with respect to its last output (the logits' LoRA term). ``graph``: second order
+        (φ a function of θ); otherwise the step's terms are constants, as in first order."""
         low_rank = adapted.head_b
         wrt = list(adapted.weights.values())
-        grads = self.grad(loss, wrt + [low_rank.last_output], create_graph=True)
-        adapted.weights = dict(zip(adapted.weights, dense_rule.step(wrt, grads[:-1], k)))
-        adapted.head_b = low_rank.stepped(grads[-1], rule.rate(self.head_b.index, k))
-
-    def _start_weights(self, size: int, graph: bool) -> dict[str, torch.Tensor]:
-        """θ's inner scope broadcast to ``size`` tasks: a view of θ in the graph (MAML: the backward
-        pass sums the tasks' paths into θ), or a detached leaf per step (first order). One task's
-        weights are not stacked: θ itself starts its graph, as a plain functional call would."""
-        if size == 1:
-            return {n: p if graph else p.detach().clone().requires_grad_()
-                    for n, p in zip(self.inner_names, self.inner_params)}
+        grads = self.grad(loss, wrt + [low_rank.last_output], create_graph=graph)
         if graph:
-            return {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in zip(self.inner_names, self.inner_params)}
-        return {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_()
-                for n, p in zip(self.inner_names, self.inner_params)}
+            adapted.weights = dict(zip(adapted.weights, dense_rule.step(wrt, grads[:-1], k)))
+        else:
+            with torch.no_grad():
+                new = dense_rule.step(wrt, grads[:-1], k)
+            adapted.weights = {n: w.requires_grad_() for n, w in zip(adapted.weights, new)}
+        adapted.head_b = low_rank.stepped(grads[-1], rule.rate(self.head_b.index, k), detach=not graph)
+
+    def _start_weights(self, size: int, graph: bool, skip: int | None = None) -> dict[str, torch.Tensor]:
+        """θ's inner scope (less the tensor at ``skip``) broadcast to ``size`` tasks: a view of θ in
+        the graph (MAML: the backward pass sums the tasks' paths into θ), or a detached leaf per step
+        (first order). One task's weights are not stacked: θ itself starts its graph, as a plain
+        functional call would."""
+        named = [(n, p) for j, (n, p) in enumerate(zip(self.inner_names, self.inner_params)) if j != skip]
+        if size == 1:
+            return {n: p if graph else p.detach().clone().requires_grad_() for n, p in named}
+        if graph:
+            return {n: p.unsqueeze(0).expand(size, *p.shape) for n, p in named}
+        return {n: p.detach().unsqueeze(0).expand(size, *p.shape).requires_grad_() for n, p in named}
 
     def first_order_grads(self, loss: torch.Tensor, adapted: "Adapted") -> tuple[list, list]:
         """The gradient of a (summed) query ``loss`` at the adapted weights, aligned with θ (the inner
@@ -557,13 +575,21 @@ class InnerLoop:
             return grads, self.inner_part(grads)
         inner = set(self.inner_index)
         others = [i for i in range(len(self.params)) if i not in inner]
-        grads = self.grad(loss, list(adapted.weights.values()) + [self.params[i] for i in others])
-        inner_grads, rest = grads[:len(self.inner_index)], grads[len(self.inner_index):]
+        names = list(adapted.weights)  # the inner scope's, less a factored B
+        wrt = [adapted.weights[n] for n in names] + [self.params[i] for i in others]
+        if adapted.head_b is not None:
+            wrt.append(adapted.head_b.last_output)
+        grads = self.grad(loss, wrt)
         full: list = [None] * len(self.params)
-        for i, g in zip(self.inner_index, inner_grads):
-            full[i] = g.sum(0) if g.dim() > self.params[i].dim() else g
-        for i, g in zip(others, rest):
+        inner_grads: list = [None] * len(self.inner_index)
+        for name, g in zip(names, grads):
+            j = self.inner_names.index(name)
+            inner_grads[j] = g
+            full[self.inner_index[j]] = g.sum(0) if g.dim() > self.inner_params[j].dim() else g
+        for i, g in zip(others, grads[len(names):]):
             full[i] = g
+        if adapted.head_b is not None:  # summed over the tasks already; no per-task B (no learned rates here)
+            full[self.inner_index[self.head_b.index]] = adapted.head_b.weight_grad(grads[-1])
         return full, inner_grads
 
     @torch.no_grad()
@@ -573,8 +599,14 @@ class InnerLoop:
             return [theta - p for theta, p in zip(self.inner_theta(), self.inner_params)]
         # Differences first: θ − φ is small next to θ, and subtracting per task keeps its rounding
         # relative to the difference.
-        return [(p.unsqueeze(0) - phi).sum(0) if phi.dim() > p.dim() else p - phi
-                for p, phi in zip(self.inner_params, adapted.weights.values())]
+        out = []
+        for j, (p, name) in enumerate(zip(self.inner_params, self.inner_names)):
+            if adapted.head_b is not None and j == self.head_b.index:
+                out.append(adapted.head_b.displacement())
+                continue
+            phi = adapted.weights[name]
+            out.append((p.unsqueeze(0) - phi).sum(0) if phi.dim() > p.dim() else p - phi)
+        return out
 
     def inner_theta(self) -> list[torch.Tensor]:
         return [self.theta[i] for i in self.inner_index]

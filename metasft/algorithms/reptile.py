@@ -33,7 +33,8 @@ class Reptile(MetaAlgorithm):
         with_query = want_pre and tasks.query is not None
         metrics = engine.start_metrics(tasks, with_query)
         # Adam starts with fresh moments for every adaptation: Reptile's inner loop starts over per task.
-        adapted = engine.adapt(tasks, metrics, rule=engine.update_rule(optimizer=self.inner_optimizer))
+        adapted = engine.adapt(tasks, metrics, rule=engine.update_rule(optimizer=self.inner_optimizer),
+                               factor_head=True)  # φ read back only through the engine
         with torch.no_grad():
             if with_query:
                 engine.record_losses(tasks, metrics, "query_loss_post", engine.losses(tasks.query, adapted))
