@@ -131,7 +131,7 @@ def test_the_llm_demo_trains_its_methods_on_equal_passes_and_judges_against_the_
         # Experiment 3's setting: a full-rank head adapter only, every layer frozen (and cached).
         model = method.train_config.model
         assert model.lora_full_head and list(model.target_modules) == ["lm_head"], method.name
-        assert meta.task_batching is (method.name == "anil"), method.name  # ANIL's tasks run together
+        assert meta.task_batching == "auto", method.name  # the meta-learners' tasks then run by rows
     assert str(cfg.adapt.inner_scope) == "head" and cfg.adapt.select_lr_by == "query_loss"
 
     out = tmp_path / "demo"
