@@ -67,12 +67,16 @@ def test_factored_head_inner_loop_equals_the_dense_one(tiny_llama_dir, episodes,
     assert all(float(g.abs().sum()) > 0 for g in dense[0])  # every meta-parameter (and rate) is reached
 
 
-def test_rules_without_a_scalar_rate_and_first_order_paths_keep_the_dense_b(tiny_llama_dir, episodes):
+def test_rules_without_a_scalar_rate_and_adaptation_in_the_model_keep_the_dense_b(tiny_llama_dir, episodes):
     model = head_lora_model(tiny_llama_dir, full_head=False)
     engine = InnerLoop(model, trainable_named_parameters(model), 0.3, K, inner_scope=Scope("head"))
     tasks = engine.stack([engine.prepare_episode(episodes[0], support_graph=True)])
     assert engine.adapt(tasks, second_order=True, rule=Adam(0.01)).head_b is None
-    assert engine.adapt(tasks, second_order=False).head_b is None
+    assert engine.adapt(tasks, second_order=False).head_b is None  # φ left in the model (adapt, bench)
+    assert engine.adapt(tasks, factor_head=True).head_b is not None  # FOMAML, Reptile
+    learned = InnerLoop(model, trainable_named_parameters(model), 0.3, K, learn_inner_lr="per_tensor",
+                        inner_scope=Scope("head"))
+    assert learned.adapt(tasks, factor_head=True).head_b is None  # a first-order α-gradient needs each dense step
     # Several tasks together: only when the inner scope is exactly the head's A and B over states that
     # reach the head (a prefix split: here none, every meta-parameter being in the head and nothing
     # cached); otherwise the vmapped dense path.
