@@ -71,6 +71,12 @@ def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[R
             resolved.append(ResolvedMethod(name, train_config=train_cfg, sweep_of=method.name if method.grid else None,
                                            settings=dict(variant), adaptations=method.adaptations))
     if not has_sft and not any(m.name == "sft" for m in cfg.methods):
+        if (Path(cfg.base_model).expanduser() / "adapter_config.json").is_file():
+            # The added sft trains full weights (its config's lora_rank = 0), which an adapter folder
+            # loads frozen: refuse now rather than after the other methods have trained.
+            raise ConfigError(f"methods: no sft is listed, and base_model {cfg.base_model} is a LoRA adapter folder "
+                              "that the added sft (full weights) cannot train; list an sft method (a checkpoint, or "
+                              "config_name: sft with the adapters' model.* settings in overrides)")
         overrides = common + cfg.train_overrides + [f"trainer.default_local_dir={out / 'runs' / 'sft'}"]
         sft_cfg = load_config(name="sft", overrides=overrides)
         _check_trainable("sft", sft_cfg, num_train_tasks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from metasft.config import DataConfig, _build, _f, load_yaml
@@ -115,6 +116,9 @@ def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> Ben
     from metasft.scope import parse_scope
 
     parse_scope(cfg.adapt.inner_scope, key="adapt.inner_scope")
+    if cfg.prefix_cache_dir is not None and Path(cfg.prefix_cache_dir).expanduser().exists() \
+            and not Path(cfg.prefix_cache_dir).expanduser().is_dir():
+        raise ConfigError(f"prefix_cache_dir: {cfg.prefix_cache_dir} is a file, not a directory")
     if any(not lr > 0 for lr in cfg.adapt.lr_grid):
         raise ConfigError(f"adapt.lr_grid: {cfg.adapt.lr_grid} must all be > 0")
     if overlap := set(cfg.validation_tasks) & set(cfg.held_out_tasks):

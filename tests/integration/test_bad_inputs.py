@@ -128,6 +128,8 @@ CASES = {
     # bench
     "bench: config missing": (lambda w: ["bench", "--config", str(w["root"] / "nobench.yaml")], "nobench.yaml: config file not found"),
     "bench: unknown key": (lambda w: ["bench", "--config", str(w["task_config"]({"base_model": "x", "tasks_dir": "y", "speed": 1}))], "speed: unknown config key"),
+    "bench: prefix cache folder is a file": (lambda w: ["bench", "--config", str(w["task_config"]({"base_model": "x", "tasks_dir": "y", "prefix_cache_dir": str(w["afile"])}))],
+                                            "afile is a file, not a directory"),
     # demo
     "demo: zero steps": (lambda w: ["demo", "--steps", "0", "--out", str(w["root"] / "demo")], "--steps: 0 must be >= 1"),
     "demo: unknown method": (lambda w: ["demo", "--methods", "fomaml,magic", "--out", str(w["root"] / "demo")], "unknown method 'magic'"),

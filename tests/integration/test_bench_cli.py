@@ -297,6 +297,26 @@ def test_bench_refuses_unknown_adaptations(tmp_path, tiny_llama_dir, capsys):
     assert len(err) == 1 and "adaptations" in err[0] and "prompting" in err[0]
 
 
+def test_bench_refuses_to_add_sft_on_an_adapter_folder_before_training(tmp_path, tiny_llama_dir, capsys):
+    """The added sft trains full weights, which a LoRA adapter folder as base_model loads frozen: one
+    line naming the key and the folder, before any method trains."""
+    from metasft.bench.methods import base_with_fresh_adapters
+    from metasft.config import ModelConfig
+
+    data = make_prepared_suite(tmp_path)
+    adapters = base_with_fresh_adapters(str(tiny_llama_dir), ModelConfig(lora_rank=2, lora_alpha=4,
+                                                                         target_modules=["q_proj"]),
+                                        tmp_path / "adapters")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({
+        "base_model": str(adapters), "tasks_dir": str(data), "output_dir": str(tmp_path / "bench"),
+        "methods": [{"name": "fomaml", "config_name": "fomaml"}]}))
+    capsys.readouterr()
+    assert main(["bench", "--config", str(tmp_path / "b.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("metasft bench: error: methods: ") and str(adapters) in err[0]
+    assert not (tmp_path / "bench" / "runs").exists()  # nothing was trained
+
+
 def make_labelled_suite(root, n_train=2, n_held_out=1, labels=("red", "blue", "green"), per_class=6, n_validation=0):
     """A 3-way classification suite (the response is the class), prepared with `metasft prepare`:
     ``n_train`` training, then ``n_validation`` validation and ``n_held_out`` test tasks."""
