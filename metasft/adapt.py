@@ -114,12 +114,14 @@ def adapt_and_score(engine: InnerLoop, task: Task, *, num_steps: int, batch_size
             from metasft.evaluate import evaluate_rows
 
             n = min(exact_match_rows, len(task.query))
+            # The query loss is already scored above: generate only.
             scores["exact_match"] = evaluate_rows(engine.model, tokenizer, task.query[:n], task.query_examples[:n],
                                                   batch_size=eval_batch_size, device=engine.device,
-                                                  engine=engine)["exact_match"]
+                                                  with_loss=False)["exact_match"]
     finally:
         engine.restore()
     return scores
+
 
 def adapt_command(args) -> Path:
     """``metasft adapt``: load, adapt on a seeded choice of ``--n-shots`` rows, save atomically."""

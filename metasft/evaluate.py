@@ -84,15 +84,17 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 def evaluate_rows(model, tokenizer, rows: list[Encoded], examples: list[Example], *, batch_size: int = 32,
                   max_new_tokens: int | None = None, with_generation: bool = True,
                   device: torch.device | None = None, autocast_dtype: torch.dtype | None = None,
-                  engine=None) -> dict[str, float]:
-    """All metrics of one set of rows; the model is put in eval mode and left as it was. ``engine``:
-    see :func:`loss_and_token_accuracy` (generation runs every layer)."""
+                  engine=None, with_loss: bool = True) -> dict[str, float]:
+    """All metrics of one set of rows (without ``with_loss``: the generated ones only); the model is
+    put in eval mode and left as it was. ``engine``: see :func:`loss_and_token_accuracy` (generation
+    runs every layer)."""
     device = device or next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
-        result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype, engine)
+        result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype, engine) \
+            if with_loss else {}
         if with_generation:
             if max_new_tokens is None:
                 max_new_tokens = max(r.num_targets for r in rows) + 4
