@@ -10,7 +10,8 @@ base's are the same at every budget, so a budget whose bench did not run the bas
 take those rows from another budget's folder. Writes ``OUT/seeds.csv`` (one row per seed, budget, method, adaptation, shots),
 ``OUT/seeds.md`` (the same, with each row's 95% interval and, at each seed, budget and shots, the
 best meta-learning method's margin over the best baseline) and ``OUT/seeds.png`` (held-out exact
-match at 1 shot per class against meta-steps, one panel per seed). A method named ``NAME_STEPS``
+match at 1 shot per class against meta-steps, one panel per seed) and ``OUT/shots.png`` (against
+shots per class, at each seed's largest budget scored at several). A method named ``NAME_STEPS``
 (a bench of several checkpoints of one run, e.g. ``fomaml_250``) counts as ``NAME``.
 """
 
@@ -106,7 +107,14 @@ def main(argv: list[str]) -> None:
                      f"{'yes' if m['apart_from_all'] else 'no'} |")
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "seeds.png")
+    plot_shots(rows, out / "shots.png")
     print("\n".join(lines))
+
+
+def colours(rows: list[dict]) -> dict:
+    """One colour per (method, adaptation), the same in every figure."""
+    keys = sorted({(r["method"], r["adaptation"]) for r in rows})
+    return {key: f"C{i % 10}" for i, key in enumerate(keys)}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -124,11 +132,47 @@ def plot(rows: list[dict], path: Path) -> None:
                             if (r["method"], r["adaptation"]) == (method, adaptation))
             steps = [p[0] for p in points]
             ax.errorbar(steps, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
-                        label=f"{method} ({adaptation})")
+                        color=colours(rows)[(method, adaptation)], label=f"{method} ({adaptation})")
         ax.axhline(0.2, color="grey", lw=0.8, ls=":")
         ax.set_title(f"suite and training seed {seed}")
         ax.set_xlabel("meta-steps (4 tasks x 20 rows)")
     axes[0][0].set_ylabel("held-out exact match, 1 shot per class")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_shots(rows: list[dict], path: Path) -> None:
+    """Held-out exact match against shots per class, one panel per seed at its largest budget with
+    more than one shot count; a line per method and adaptation scored at more than one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for seed in sorted({r["seed"] for r in rows}):
+        budgets = [b for b in sorted({r["steps"] for r in rows if r["seed"] == seed}, reverse=True)
+                   if len({r["shots_per_class"] for r in rows if (r["seed"], r["steps"]) == (seed, b)}) > 1]
+        if budgets:
+            panels.append((seed, budgets[0]))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (seed, steps) in zip(axes[0], panels):
+        mine = [r for r in rows if (r["seed"], r["steps"]) == (seed, steps)]
+        for method, adaptation in sorted({(r["method"], r["adaptation"]) for r in mine}):
+            points = sorted((r["shots_per_class"], r["exact_match"], r["exact_match_ci95"]) for r in mine
+                            if (r["method"], r["adaptation"]) == (method, adaptation))
+            if len(points) < 2:
+                continue
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, color=colours(rows)[(method, adaptation)], label=f"{method} ({adaptation})")
+            ax.set_xticks(sorted({p[0] for p in points}))
+        ax.axhline(0.2, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"seed {seed}, {steps} meta-steps")
+        ax.set_xlabel("shots per class (5-way)")
+    axes[0][0].set_ylabel("held-out exact match")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
