@@ -133,6 +133,10 @@ def test_the_llm_demo_trains_its_methods_on_equal_passes_and_judges_against_the_
         assert model.lora_full_head and list(model.target_modules) == ["lm_head"], method.name
         assert meta.task_batching == "auto", method.name  # the meta-learners' tasks then run by rows
     assert str(cfg.adapt.inner_scope) == "head" and cfg.adapt.select_lr_by == "query_loss"
+    # Adaptation steps take every shot of a 5-way task up to 5 per class: at 1 shot per class the
+    # rows of one inner step of meta-training (METHODS' inner_batch_size), at 5 all 25.
+    assert min(cfg.adapt.batch_size, 5 * 1) == METHODS["anil"][1]["meta.inner_batch_size"]
+    assert cfg.adapt.batch_size >= 5 * 5
 
     out = tmp_path / "demo"
     args = dict(out=out, steps=2, methods=["fomaml"], n_shots=[1], seed=0, model_dir=tiny_llama_dir, tasks_dir=data,
