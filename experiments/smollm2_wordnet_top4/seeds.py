@@ -117,6 +117,19 @@ def colours(rows: list[dict]) -> dict:
     return {key: f"C{i % 10}" for i, key in enumerate(keys)}
 
 
+def draw_lines(ax, rows: list[dict], x_key: str, colour: dict, min_points: int = 1) -> None:
+    """Exact match against ``x_key``, a line with 95% intervals per method and adaptation that has at
+    least ``min_points`` points, and chance (0.2) dotted."""
+    for method, adaptation in sorted({(r["method"], r["adaptation"]) for r in rows}):
+        points = sorted((r[x_key], r["exact_match"], r["exact_match_ci95"]) for r in rows
+                        if (r["method"], r["adaptation"]) == (method, adaptation))
+        if len(points) < min_points:
+            continue
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, color=colour[(method, adaptation)], label=f"{method} ({adaptation})")
+    ax.axhline(0.2, color="grey", lw=0.8, ls=":")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -127,13 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(seeds), figsize=(4.5 * len(seeds), 3.6), sharey=True, squeeze=False)
     for ax, seed in zip(axes[0], seeds):
         mine = [r for r in rows if r["seed"] == seed and r["shots_per_class"] == 1]
-        for method, adaptation in sorted({(r["method"], r["adaptation"]) for r in mine}):
-            points = sorted((r["steps"], r["exact_match"], r["exact_match_ci95"]) for r in mine
-                            if (r["method"], r["adaptation"]) == (method, adaptation))
-            steps = [p[0] for p in points]
-            ax.errorbar(steps, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
-                        color=colours(rows)[(method, adaptation)], label=f"{method} ({adaptation})")
-        ax.axhline(0.2, color="grey", lw=0.8, ls=":")
+        draw_lines(ax, mine, "steps", colours(rows))
         ax.set_title(f"suite and training seed {seed}")
         ax.set_xlabel("meta-steps (4 tasks x 20 rows)")
     axes[0][0].set_ylabel("held-out exact match, 1 shot per class")
@@ -161,15 +168,8 @@ def plot_shots(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), sharey=True, squeeze=False)
     for ax, (seed, steps) in zip(axes[0], panels):
         mine = [r for r in rows if (r["seed"], r["steps"]) == (seed, steps)]
-        for method, adaptation in sorted({(r["method"], r["adaptation"]) for r in mine}):
-            points = sorted((r["shots_per_class"], r["exact_match"], r["exact_match_ci95"]) for r in mine
-                            if (r["method"], r["adaptation"]) == (method, adaptation))
-            if len(points) < 2:
-                continue
-            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                        capsize=3, color=colours(rows)[(method, adaptation)], label=f"{method} ({adaptation})")
-            ax.set_xticks(sorted({p[0] for p in points}))
-        ax.axhline(0.2, color="grey", lw=0.8, ls=":")
+        draw_lines(ax, mine, "shots_per_class", colours(rows), min_points=2)
+        ax.set_xticks(sorted({r["shots_per_class"] for r in mine}))
         ax.set_title(f"seed {seed}, {steps} meta-steps")
         ax.set_xlabel("shots per class (5-way)")
     axes[0][0].set_ylabel("held-out exact match")
