@@ -160,7 +160,7 @@ def cmd_suites(args: argparse.Namespace) -> int:
     if args.suites_command == "list":
         print("\n".join(SUITES))
         return 0
-    manifest = build_suite(args.name, args.out, seed=args.seed)
+    manifest = build_suite(args.name, args.out, seed=args.seed, held_out_tasks=args.held_out_tasks)
     print(f"metasft: wrote suite {args.name} to {args.out}: {len(manifest['train_tasks'])} meta-training, "
           f"{len(manifest['validation_tasks'])} validation and {len(manifest['held_out_tasks'])} held-out tasks")
     return 0
@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", help="cipher, wordnet, wordnet_cloze or countries (see docs/data.md)")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (meta.tasks_dir)")
     q.add_argument("--seed", type=int, default=0, help="which rows, keys and field splits (default 0)")
+    q.add_argument("--held-out-tasks", type=int, default=None, metavar="N",
+                   help="wordnet and wordnet_cloze: draw N held-out tasks (default 10). The meta-training, validation "
+                        "and first held-out tasks stay the same for any N, so more only narrow the evaluation's intervals")
     _add_common(q)
     p.set_defaults(func=cmd_suites)
 

@@ -53,8 +53,23 @@ COUNTRY_FIELDS = {
 STYLES = ("short", "sentence")
 
 
-def build_suite(name: str, out: str | os.PathLike, seed: int = 0) -> dict:
-    """Write suite ``name`` into ``out``; returns its manifest."""
+# Suites whose held-out tasks are drawn last from their own pools, so their count can grow alone.
+N_WAY_SUITES = ("wordnet", "wordnet_cloze")
+
+
+def build_suite(name: str, out: str | os.PathLike, seed: int = 0, held_out_tasks: int | None = None) -> dict:
+    """Write suite ``name`` into ``out``; returns its manifest.
+
+    ``held_out_tasks`` (N-way suites only; default 10) sets how many held-out tasks are drawn. They are
+    drawn after every meta-training and validation task from the same generator, so a suite with more
+    of them keeps the other tasks and its first held-out tasks byte for byte: only the evaluation grows,
+    and its intervals over tasks narrow."""
+    if held_out_tasks is not None:
+        if name not in N_WAY_SUITES:
+            raise MetasftError(f"suites build {name}: --held-out-tasks applies to {' and '.join(N_WAY_SUITES)} only")
+        if held_out_tasks < 1:
+            raise MetasftError(f"suites build {name}: --held-out-tasks {held_out_tasks} must be >= 1")
+    sizes = {} if held_out_tasks is None else {"num_test_tasks": held_out_tasks}
     if name == "cipher":
         from metasft.data.synthetic import generate_suite, pretraining_keys
 
@@ -63,9 +78,9 @@ def build_suite(name: str, out: str | os.PathLike, seed: int = 0) -> dict:
     if name == "countries":
         return build_countries(out, seed)
     if name == "wordnet":
-        return build_wordnet(out, seed)
+        return build_wordnet(out, seed, **sizes)
     if name == "wordnet_cloze":
-        return build_wordnet_cloze(out, seed)
+        return build_wordnet_cloze(out, seed, **sizes)
     raise MetasftError(f"suites build: unknown suite {name!r} (known: {', '.join(SUITES)})")
 
 
@@ -176,6 +191,7 @@ def _n_way_tasks(prefix: str, pools: dict[str, list[str]], counts: tuple[int, in
     """N-way tasks whose classes come from each split's pool and whose answers are label words drawn
     anew per task; ``examples(class, label, options)`` gives a class's support + query examples."""
     tasks = []
+    # Held-out tasks are drawn last: their count changes no other task (build_suite's held_out_tasks).
     for split, count in zip(("train", "validation", "test"), counts):
         pool = pools[split]
         for index in range(count):

@@ -163,3 +163,27 @@ def test_wordnet_cloze_blanks_held_out_words_never_seen_in_meta_training(tmp_pat
         assert {sum(r["response"] == label for r in support) for label in info["labels"]} == {10}
     again = build_wordnet_cloze(tmp_path / "again", seed=0)
     assert again == manifest
+
+
+def test_more_held_out_tasks_keep_every_other_task_and_the_first_held_out_ones(tmp_path, capsys):
+    plain = build("wordnet", tmp_path / "plain")
+    assert main(["suites", "build", "wordnet", "--out", str(tmp_path / "more"), "--held-out-tasks", "13"]) == 0
+    more = json.loads((tmp_path / "more" / "manifest.json").read_text())
+    assert more["train_tasks"] == plain["train_tasks"] and more["validation_tasks"] == plain["validation_tasks"]
+    assert more["held_out_tasks"][:10] == plain["held_out_tasks"] and len(more["held_out_tasks"]) == 13
+    for task in plain["tasks"]:
+        for split in ("support", "query"):
+            assert (tmp_path / "more" / task / f"{split}.parquet").read_bytes() == \
+                (tmp_path / "plain" / task / f"{split}.parquet").read_bytes(), (task, split)
+    added = set(more["held_out_tasks"][10:])
+    assert all(rows(tmp_path / "more", t, "query") != rows(tmp_path / "more", plain["held_out_tasks"][0], "query")
+               for t in added)
+    # The added tasks' categories come from the held-out pool, never from meta-training's.
+    train_categories = {c for t in more["train_tasks"] for c in more["tasks"][t]["categories"]}
+    assert not {c for t in added for c in more["tasks"][t]["categories"]} & train_categories
+
+    capsys.readouterr()
+    assert main(["suites", "build", "cipher", "--out", str(tmp_path / "c"), "--held-out-tasks", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--held-out-tasks applies to wordnet and wordnet_cloze" in err[0]
+    assert not (tmp_path / "c").exists()
