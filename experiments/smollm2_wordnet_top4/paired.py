@@ -24,8 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from metasft.bench.report import mean_ci
-
-BASELINES = ("base", "sft")
+from seeds import BASELINES  # this folder's seeds.py: which methods are baselines, one list for both scripts
 
 
 def scores(folders: list[Path], first: int | None) -> dict[int, dict[str, dict[str, float]]]:
