@@ -1,19 +1,24 @@
 """Evaluation of a model on a task's rows: the §2.3 loss, token accuracy, and exact match /
 ROUGE-L of greedy generations (batched, left-padded, with the KV cache).
 
+Rows that all begin with the same tokens (in-context rows: one task's demonstrations before each
+query) can share them (``evaluate_rows(share_prefix=True)``): the common prefix runs once, its keys
+and values are copied to every row of a batch, and only each row's own tokens run after it.
+
     metasft eval --checkpoint runs/fomaml/step_1000 --data data/maml/legal/query.parquet
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
 from metasft.data.collate import collate
 from metasft.data.formatting import Example
 from metasft.data.tokenize import Encoded
-from metasft.losses import target_logits, token_loss_sum
+from metasft.losses import accepts_logits_to_keep, cache_keyword, target_logits, token_loss_sum
 from metasft.metrics import exact_match, rouge_l
 
 
@@ -35,16 +40,68 @@ def _prompt_ids(row: Encoded) -> list[int]:
     return row.input_ids[:start] if start > 0 else row.input_ids[:1]
 
 
+def shared_prefix_length(rows: list[Encoded]) -> int:
+    """How many leading tokens every row has in common, stopping before the token whose logits
+    predict a row's first target: every row keeps that token, so its loss and its first generated
+    token are computed after the prefix."""
+    if not rows:
+        return 0
+    limit = min(len(_prompt_ids(row)) for row in rows) - 1
+    for row in rows:
+        first_target = next((t for t, m in enumerate(row.target_mask) if m), len(row.input_ids))
+        limit = min(limit, first_target - 1)
+    first = rows[0].input_ids
+    length = 0
+    while length < limit and all(row.input_ids[length] == first[length] for row in rows):
+        length += 1
+    return max(length, 0)
+
+
+class SharedPrefix:
+    """The keys and values of tokens every row starts with, computed once and copied per batch."""
+
+    @torch.no_grad()
+    def __init__(self, model, ids: list[int], device: torch.device):
+        self.length = len(ids)
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        self.cache = out.cache if hasattr(out, "cache") else out.past_key_values
+
+    def for_batch(self, rows: int):
+        """A copy for ``rows`` rows (a forward appends to the cache it is given)."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def suffixes(self, rows: list[Encoded]) -> list[Encoded]:
+        return [Encoded(input_ids=row.input_ids[self.length:], target_mask=row.target_mask[self.length:],
+                        source=row.source) for row in rows]
+
+    def batch(self, rows: list[Encoded], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``rows`` (whole) collated after the prefix: their own tokens right-padded, attending to
+        the prefix, at positions that continue it."""
+        batch = collate(self.suffixes(rows), pad_token_id)
+        width = batch["input_ids"].shape[1]
+        batch["attention_mask"] = torch.cat(
+            [torch.ones((len(rows), self.length), dtype=torch.long), batch["attention_mask"]], 1)
+        batch["position_ids"] = (self.length + torch.arange(width)).expand(len(rows), width)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["past_key_values"] = self.for_batch(len(rows))
+        return batch
+
+
 @torch.no_grad()
 def loss_and_token_accuracy(model, rows: list[Encoded], batch_size: int, pad_token_id: int,
                             device: torch.device, autocast_dtype: torch.dtype | None = None,
-                            engine=None) -> dict[str, float]:
+                            engine=None, prefix: SharedPrefix | None = None) -> dict[str, float]:
     """``engine``: an :class:`~metasft.algorithms.InnerLoop` over ``model``; the layers below its inner
-    scope then run once per row (its prefix cache), not once per evaluation."""
+    scope then run once per row (its prefix cache), not once per evaluation. ``prefix``: the tokens
+    every row starts with, already run (:class:`SharedPrefix`)."""
     total_loss, correct, count = 0.0, 0, 0
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_token_id).items()}
+        chunk = rows[start:start + batch_size]
+        batch = prefix.batch(chunk, pad_token_id, device) if prefix is not None else \
+            {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
         with ctx, (engine.prefixed(batch) if engine is not None else contextlib.nullcontext(batch)) as batch:
             logits, labels, positions = target_logits(model, batch)
         loss_sum, n = token_loss_sum(logits, labels, positions)
@@ -74,31 +131,94 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        for row in generated[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+        outputs += _decode(tokenizer, generated[:, width:].tolist())
+    return outputs
+
+
+def _decode(tokenizer, rows: list[list[int]]) -> list[str]:
+    """Generated token rows as text, each cut at its first EOS."""
+    texts = []
+    for row in rows:
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+@torch.no_grad()
+def generate_after_prefix(model, tokenizer, prompts: list[list[int]], prefix: SharedPrefix, max_new_tokens: int,
+                          batch_size: int, device: torch.device, step_logits: list | None = None) -> list[str]:
+    """:func:`generate` for prompts that all begin with ``prefix``'s tokens: a greedy loop that runs
+    only each prompt's own tokens, right-padded after the prefix's copied keys and values. Padding is
+    never attended to and every row's positions continue its own tokens, so each row gets the tokens
+    it would alone (up to rounding). ``step_logits``: given a list, each step's ``[rows, vocabulary]``
+    logits are appended to it, batch by batch (for tests)."""
+    outputs: list[str] = []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    keyword = cache_keyword(model)
+    for start in range(0, len(prompts), batch_size):
+        chunk = [p[prefix.length:] for p in prompts[start:start + batch_size]]
+        rows, width = len(chunk), max(len(p) for p in chunk)
+        lengths = torch.tensor([len(p) for p in chunk], device=device)
+        input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+        for i, p in enumerate(chunk):
+            input_ids[i, :len(p)] = torch.tensor(p)
+        input_ids = input_ids.to(device)
+        attention = torch.cat([torch.ones((rows, prefix.length), dtype=torch.long, device=device),
+                               (torch.arange(width, device=device) < lengths[:, None]).long()], 1)
+        positions = (prefix.length + torch.arange(width, device=device)).expand(rows, width)
+        cache = prefix.for_batch(rows)
+        tokens, done = [], torch.zeros(rows, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            extra = {keyword: cache}
+            if step == 0 and accepts_logits_to_keep(model):
+                # Only each row's last prompt token predicts: the head runs there alone.
+                keep = torch.unique(lengths - 1)
+                extra["logits_to_keep"] = keep
+                index = torch.searchsorted(keep, lengths - 1)
+            else:
+                index = lengths - 1 if step == 0 else torch.full_like(lengths, input_ids.shape[1] - 1)
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                           **extra).logits[torch.arange(rows, device=device), index]
+            if step_logits is not None:
+                step_logits.append(logits.clone())
+            chosen = torch.where(done, torch.full_like(lengths, pad_id), logits.argmax(-1))
+            tokens.append(chosen)
+            done |= chosen == tokenizer.eos_token_id
+            if bool(done.all()):
+                break
+            # The next token goes after the padding in the cache, at the position after the row's last.
+            input_ids = chosen[:, None]
+            attention = torch.cat([attention, attention.new_ones((rows, 1))], 1)
+            positions = (prefix.length + lengths + step)[:, None]
+        outputs += _decode(tokenizer, torch.stack(tokens, 1).tolist())
     return outputs
 
 
 def evaluate_rows(model, tokenizer, rows: list[Encoded], examples: list[Example], *, batch_size: int = 32,
                   max_new_tokens: int | None = None, with_generation: bool = True,
                   device: torch.device | None = None, autocast_dtype: torch.dtype | None = None,
-                  engine=None, with_loss: bool = True) -> dict[str, float]:
+                  engine=None, with_loss: bool = True, share_prefix: bool = False) -> dict[str, float]:
     """All metrics of one set of rows (without ``with_loss``: the generated ones only); the model is
     put in eval mode and left as it was. ``engine``: see :func:`loss_and_token_accuracy` (generation
-    runs every layer)."""
+    runs every layer). ``share_prefix``: run the tokens every row starts with once
+    (:func:`shared_prefix_length`), for rows that share a long prefix such as in-context rows."""
     device = device or next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
-        result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype, engine) \
+        shared = shared_prefix_length(rows) if share_prefix and engine is None else 0
+        with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()):
+            prefix = SharedPrefix(model, rows[0].input_ids[:shared], device) if shared else None
+        result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype, engine, prefix) \
             if with_loss else {}
         if with_generation:
             if max_new_tokens is None:
                 max_new_tokens = max(r.num_targets for r in rows) + 4
-            predictions = generate(model, tokenizer, [_prompt_ids(r) for r in rows], max_new_tokens, batch_size, device)
+            prompts = [_prompt_ids(r) for r in rows]
+            predictions = generate_after_prefix(model, tokenizer, prompts, prefix, max_new_tokens, batch_size, device) \
+                if prefix is not None else generate(model, tokenizer, prompts, max_new_tokens, batch_size, device)
             references = [_reference(e) for e in examples]
             result["exact_match"] = sum(map(exact_match, predictions, references)) / len(rows)
             result["rouge_l"] = sum(map(rouge_l, predictions, references)) / len(rows)

@@ -67,8 +67,21 @@ def accepts_logits_to_keep(model) -> bool:
     return _ACCEPTS_LOGITS_TO_KEEP[kind]
 
 
+def cache_keyword(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in newer transformers releases,
+    ``past_key_values`` before (still accepted there, with a deprecation warning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def forward_logits(model, batch: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of ``model`` on ``batch``, at every position or only at ``positions`` (1-D).
+
+    A batch with ``past_key_values`` continues those keys and values (its ``attention_mask`` covers
+    them too; see :class:`metasft.evaluate.SharedPrefix`).
 
     A batch
     without ``attention_mask``/``position_ids`` (the task-batched path's stacked batches) is plain
@@ -81,10 +94,12 @@ def forward_logits(model, batch: dict[str, torch.Tensor], positions: torch.Tenso
         extra["inputs_embeds"] = batch["inputs_embeds"]
     else:
         extra["input_ids"] = batch["input_ids"]
+    if batch.get("past_key_values") is not None:
+        extra[cache_keyword(model)] = batch["past_key_values"]
     return model(
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
-        use_cache=False,
+        use_cache=batch.get("past_key_values") is not None,
         **extra,
     ).logits
 

@@ -79,9 +79,10 @@ def evaluate_method(name: str, checkpoint: Path, cfg: BenchConfig, tasks, device
                                       truncation=cfg.data.truncation, chat_template=cfg.data.chat_template)
                     for example in task.query_examples[:count]]
         used = [n for _, n in rendered]
+        # Every row starts with the same demonstrations: they run once per task, not once per row.
         scores = evaluate_rows(model, tokenizer, [row for row, _ in rendered], task.query_examples[:count],
                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                               with_generation=cfg.eval.generation, device=device)
+                               with_generation=cfg.eval.generation, device=device, share_prefix=True)
         on_done()
         return {"method": name, "adaptation": "in_context", "task": task.name, "n_shots": n_shots, "seed": seed,
                 **{m: scores.get(m) for m in METRICS}, "adapt_lr": None, "shots_used": sum(used) / len(used),

@@ -305,21 +305,31 @@ def test_adapt_with_adamw_equals_torch_adamw_on_the_whole_shot_set(tmp_path, tin
     assert rel_err(deltas(params_of(base), params_of(sgd)), ref_delta) > 0.5
 
 
-def test_in_context_scores_equal_transformers_called_directly(tiny_llama_dir, tokenizer):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_in_context_scores_equal_transformers_called_directly(tiny_llama_dir, tokenizer, share_prefix):
     """The in-context baseline (bench ``adaptations: [in_context]``): the row rendered by metasft and
     scored by ``evaluate_rows`` against the prompt written here with the tokenizer's chat template, its
-    loss over the response tokens from one plain forward, and a plain greedy loop for the answer."""
+    loss over the response tokens from one plain forward, and a plain greedy loop for the answer.
+
+    With ``share_prefix`` (what the bench uses) the demonstrations run once and every query continues
+    their keys and values: queries of three lengths, in batches of 2 with a last batch of 1, so padding
+    after the prefix and rows that stop at different steps are both exercised."""
     from metasft.data.formatting import Example
     from metasft.data.in_context import render_in_context
-    from metasft.evaluate import evaluate_rows
+    from metasft.evaluate import evaluate_rows, shared_prefix_length
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
     shots = [Example(prompt=r["prompt"], response=r["response"]) for r in cipher_rows(3, 3, length=3)]
-    queries = [Example(prompt=r["prompt"], response=r["response"]) for r in cipher_rows(3, 5, length=3)[3:]]
+    short, long, shortest = (cipher_rows(3 + length, 2, length=length) for length in (3, 5, 2))
+    queries = [Example(prompt=r["prompt"], response=r["response"])
+               for r in (short[0], long[0], short[1], long[1], shortest[0])]  # each batch of 2 is uneven
     rendered = [render_in_context(shots, q, tokenizer, max_length=512)[0] for q in queries]
-    ours = evaluate_rows(model, tokenizer, rendered, queries, batch_size=2, max_new_tokens=6)
+    if share_prefix:  # the case is not degenerate: the prefix is most of each row, and rows differ in length
+        assert shared_prefix_length(rendered) > len(rendered[0].input_ids) // 2
+        assert len({len(r.input_ids) for r in rendered}) == 3
+    ours = evaluate_rows(model, tokenizer, rendered, queries, batch_size=2, max_new_tokens=6, share_prefix=share_prefix)
 
-    nll, count, predictions = 0.0, 0, []
+    nll, count, predictions, prompts = 0.0, 0, [], []
     for query in queries:
         messages = [m for s in shots for m in ({"role": "user", "content": s.prompt},
                                                {"role": "assistant", "content": s.response})]
@@ -329,6 +339,7 @@ def test_in_context_scores_equal_transformers_called_directly(tiny_llama_dir, to
         full = tokenizer(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": query.response}],
                                                        tokenize=False), add_special_tokens=False)["input_ids"]
         assert full[:len(prompt)] == prompt
+        prompts.append(prompt)
         end = full.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt)) + 1  # through end of turn
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([full[:end]])).logits[0].double(), -1)
@@ -339,3 +350,19 @@ def test_in_context_scores_equal_transformers_called_directly(tiny_llama_dir, to
     assert ours["query_loss"] == pytest.approx(nll / count, rel=1e-5)
     assert ours["predictions"] == predictions
     assert ours["exact_match"] == sum(p.strip() == q.response.strip() for p, q in zip(predictions, queries)) / len(queries)
+    if share_prefix:
+        # Stricter than equal argmaxes: every step's logits, against a plain forward of the prompt and
+        # the tokens generated so far (a wrong position or an attended pad moves them).
+        from metasft.evaluate import SharedPrefix, generate_after_prefix
+        steps: list = []
+        prefix = SharedPrefix(model, rendered[0].input_ids[:shared_prefix_length(rendered)], torch.device("cpu"))
+        generate_after_prefix(model, tokenizer, prompts, prefix, 6, 2, torch.device("cpu"), step_logits=steps)
+        batches = [steps[i:i + 6] for i in range(0, len(steps), 6)]  # no row stops early here (asserted below)
+        assert len(steps) == 6 * math.ceil(len(queries) / 2)
+        for i, prompt in enumerate(prompts):
+            generated = greedy(model, prompt, 6, tokenizer.eos_token_id)
+            assert len(generated) == 6
+            with torch.no_grad():
+                want = model(input_ids=torch.tensor([prompt + generated[:-1]])).logits[0, len(prompt) - 1:]
+            got = torch.stack([step[i % 2] for step in batches[i // 2]])
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -89,3 +89,22 @@ def test_uneven_demonstrations_keep_the_most_nearest_ones_that_fit(tokenizer, ch
         assert used == expected, (limit, used, expected)
         assert len(row.input_ids) == counts[expected] and targets(tokenizer, row).endswith(" 2 1" + (
             "<|im_end|>" if chat_template == "auto" else tokenizer.eos_token))
+
+
+def test_the_shared_prefix_stops_before_the_token_that_predicts_the_first_target(tokenizer):
+    """``evaluate_rows(share_prefix=True)`` runs the tokens every row starts with once; each row must
+    keep the token whose logits predict its first target (and its first generated token)."""
+    from metasft.evaluate import shared_prefix_length
+
+    rows = [render_in_context(DEMOS, q, tokenizer, max_length=256)[0] for q in (QUERY, DEMOS[0])]
+    first_difference = next(t for t, (a, b) in enumerate(zip(rows[0].input_ids, rows[1].input_ids)) if a != b)
+    demonstrations_only = len(tokenizer(tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for d in DEMOS for r, c in (("user", d.prompt), ("assistant", d.response))],
+        tokenize=False), add_special_tokens=False)["input_ids"])
+    assert first_difference > demonstrations_only  # the rows differ inside the query's turn
+    assert shared_prefix_length(rows) == first_difference
+    # Identical rows share everything up to the token before the first target, not the whole row.
+    first_target = rows[0].target_mask.index(1)
+    assert shared_prefix_length([rows[0], rows[0]]) == first_target - 1
+    assert shared_prefix_length([rows[0]]) == first_target - 1
+    assert shared_prefix_length([]) == 0
