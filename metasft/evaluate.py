@@ -54,7 +54,7 @@ def shared_prefix_length(rows: list[Encoded]) -> int:
     length = 0
     while length < limit and all(row.input_ids[length] == first[length] for row in rows):
         length += 1
-    return max(length, 0)
+    return length
 
 
 class SharedPrefix:
