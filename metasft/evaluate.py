@@ -202,7 +202,8 @@ def evaluate_rows(model, tokenizer, rows: list[Encoded], examples: list[Example]
     """All metrics of one set of rows (without ``with_loss``: the generated ones only); the model is
     put in eval mode and left as it was. ``engine``: see :func:`loss_and_token_accuracy` (generation
     runs every layer). ``share_prefix``: run the tokens every row starts with once
-    (:func:`shared_prefix_length`), for rows that share a long prefix such as in-context rows."""
+    (:func:`shared_prefix_length`), for rows that share a long prefix such as in-context rows
+    (ignored with ``engine``, whose cache already holds each row's frozen layers)."""
     device = device or next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
