@@ -203,15 +203,16 @@ def evaluate_rows(model, tokenizer, rows: list[Encoded], examples: list[Example]
     put in eval mode and left as it was. ``engine``: see :func:`loss_and_token_accuracy` (generation
     runs every layer). ``share_prefix``: run the tokens every row starts with once
     (:func:`shared_prefix_length`), for rows that share a long prefix such as in-context rows
-    (ignored with ``engine``, whose cache already holds each row's frozen layers)."""
+    (ignored with ``engine``, whose cache already holds each row's frozen layers, and with
+    ``autocast_dtype``)."""
     device = device or next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
-        shared = shared_prefix_length(rows) if share_prefix and engine is None else 0
-        with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()):
-            prefix = SharedPrefix(model, rows[0].input_ids[:shared], device) if shared else None
+        # Generation runs without autocast, so a prefix cached under it would not match its dtype.
+        shared = shared_prefix_length(rows) if share_prefix and engine is None and autocast_dtype is None else 0
+        prefix = SharedPrefix(model, rows[0].input_ids[:shared], device) if shared else None
         result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype, engine, prefix) \
             if with_loss else {}
         if with_generation:
