@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from metasft.data.collate import collate
+from metasft.data.collate import collate, pad_id
 from metasft.data.formatting import Example
 from metasft.data.tokenize import Encoded
 from metasft.losses import accepts_logits_to_keep, cache_keyword, target_logits, token_loss_sum
@@ -119,18 +119,18 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
              device: torch.device) -> list[str]:
     """Greedy continuations of token-id prompts, ``batch_size`` at a time (left padding + KV cache)."""
     outputs: list[str] = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = pad_id(tokenizer)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), pad_token, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, p in enumerate(chunk):
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                   pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+                                   pad_token_id=pad_token, eos_token_id=tokenizer.eos_token_id)
         outputs += _decode(tokenizer, generated[:, width:].tolist())
     return outputs
 
@@ -154,13 +154,13 @@ def generate_after_prefix(model, tokenizer, prompts: list[list[int]], prefix: Sh
     it would alone (up to rounding). ``step_logits``: given a list, each step's ``[rows, vocabulary]``
     logits are appended to it, batch by batch (for tests)."""
     outputs: list[str] = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = pad_id(tokenizer)
     keyword = cache_keyword(model)
     for start in range(0, len(prompts), batch_size):
         chunk = [p[prefix.length:] for p in prompts[start:start + batch_size]]
         rows, width = len(chunk), max(len(p) for p in chunk)
         lengths = torch.tensor([len(p) for p in chunk], device=device)
-        input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+        input_ids = torch.full((rows, width), pad_token, dtype=torch.long)
         for i, p in enumerate(chunk):
             input_ids[i, :len(p)] = torch.tensor(p)
         input_ids = input_ids.to(device)
@@ -182,7 +182,7 @@ def generate_after_prefix(model, tokenizer, prompts: list[list[int]], prefix: Sh
                            **extra).logits[torch.arange(rows, device=device), index]
             if step_logits is not None:
                 step_logits.append(logits.clone())
-            chosen = torch.where(done, torch.full_like(lengths, pad_id), logits.argmax(-1))
+            chosen = torch.where(done, torch.full_like(lengths, pad_token), logits.argmax(-1))
             tokens.append(chosen)
             done |= chosen == tokenizer.eos_token_id
             if bool(done.all()):
@@ -206,14 +206,14 @@ def evaluate_rows(model, tokenizer, rows: list[Encoded], examples: list[Example]
     (ignored with ``engine``, whose cache already holds each row's frozen layers, and with
     ``autocast_dtype``)."""
     device = device or next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = pad_id(tokenizer)
     was_training = model.training
     model.eval()
     try:
         # Generation runs without autocast, so a prefix cached under it would not match its dtype.
         shared = shared_prefix_length(rows) if share_prefix and engine is None and autocast_dtype is None else 0
         prefix = SharedPrefix(model, rows[0].input_ids[:shared], device) if shared else None
-        result = loss_and_token_accuracy(model, rows, batch_size, pad_id, device, autocast_dtype, engine, prefix) \
+        result = loss_and_token_accuracy(model, rows, batch_size, pad_token, device, autocast_dtype, engine, prefix) \
             if with_loss else {}
         if with_generation:
             if max_new_tokens is None:

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from metasft.bench.evaluation import evaluate_method
-from metasft.bench.methods import base_with_fresh_adapters, best_validation_step, resolve_methods, train_methods
+from metasft.bench.methods import (adapter_settings_of, base_with_fresh_adapters, best_validation_step, resolve_methods,
+                                   train_methods)
 from metasft.bench.report import (markdown_table, plot, plot_inner_lrs, plot_training_curves, rank_sweep, summarise,
                                   training_curves, write_csv)
 from metasft.bench.schema import BenchConfig
@@ -53,7 +54,7 @@ def run_bench(cfg: BenchConfig, console=None) -> dict:
             raise ConfigError(f"{key}: task {trained_on[0]!r} is a meta-training task in {cfg.tasks_dir}")
     methods = resolve_methods(cfg, out, num_train_tasks=sum(not s.held_out for s in specs))
     if cfg.base_adapters_from is not None:
-        like = next(m for m in methods if cfg.base_adapters_from in (m.name, m.sweep_of)).train_config.model
+        like = adapter_settings_of(cfg.base_adapters_from, methods)
         methods[0].checkpoint = base_with_fresh_adapters(cfg.base_model, like, out / "base_adapters")
     tokenizer = load_tokenizer(ModelConfig(partial_pretrain=cfg.base_model))
     tasks = [load_task(by_name[n], cfg.data, tokenizer) for n in wanted]

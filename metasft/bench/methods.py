@@ -85,6 +85,22 @@ def resolve_methods(cfg: BenchConfig, out: Path, num_train_tasks: int) -> list[R
     return resolved
 
 
+def adapter_settings_of(name: str, methods: list[ResolvedMethod]):
+    """The model config (adapter settings) of the method ``base_adapters_from`` names: a trained
+    method's own, or the one a checkpoint saved beside its weights."""
+    from metasft.checkpoint import CONFIG_FILE
+    from metasft.config import Config, load_yaml
+
+    method = next(m for m in methods if name in (m.name, m.sweep_of))
+    if method.train_config is not None:
+        return method.train_config.model
+    saved = method.checkpoint / CONFIG_FILE
+    if not saved.is_file():
+        raise ConfigError(f"base_adapters_from: {method.checkpoint} has no {CONFIG_FILE}, so its adapter settings "
+                          "are unknown (name a metasft checkpoint or a method the bench trains)")
+    return Config.from_dict(load_yaml(saved)).model
+
+
 def base_with_fresh_adapters(base_model: str, like, out: Path) -> Path:
     """The base model with LoRA adapters configured as ``like`` (a model config) and not trained:
     lora_B starts at zero, so it computes the base's function and adapts the same parameters as a

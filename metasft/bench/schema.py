@@ -58,9 +58,10 @@ class BenchConfig:
                                          "validation tasks); never scored in the results.")
     methods: list[MethodSpec] = _f([], "Methods to compare; base and sft are added when missing.")
     base_adapters_from: Optional[str] = _f(
-        None, "A trained LoRA method (a name in methods) whose adapter settings the base row takes, freshly "
-              "initialised (B = 0, so still the base's function): the base then adapts the same parameters as "
-              "the LoRA methods, as it must where adapt.inner_scope holds a head tied to the embeddings.")
+        None, "A LoRA method (a name in methods: trained by the bench, or a metasft checkpoint) whose adapter "
+              "settings the base row takes, freshly initialised (B = 0, so still the base's function): the base "
+              "then adapts the same parameters as the LoRA methods, as it must where adapt.inner_scope holds a "
+              "head tied to the embeddings.")
     n_shots: list[int] = _f([10, 50, 100], "Support examples given to each adaptation (per class with shots: per_class).")
     shots: Literal["rows", "per_class"] = _f(
         "rows", "How n_shots counts: rows = that many support rows drawn at random; per_class = that many rows "
@@ -134,7 +135,6 @@ def load_bench_config(path: str | os.PathLike, overrides: list[str] = ()) -> Ben
         names.add(method.name)
         if method.grid and method.checkpoint:
             raise ConfigError(f"methods[{i}].grid: a checkpoint cannot be swept")
-    if cfg.base_adapters_from is not None and not any(
-            m.name == cfg.base_adapters_from and not m.checkpoint for m in cfg.methods):
-        raise ConfigError(f"base_adapters_from: {cfg.base_adapters_from!r} is not a trained method in methods")
+    if cfg.base_adapters_from is not None and cfg.base_adapters_from not in names:
+        raise ConfigError(f"base_adapters_from: {cfg.base_adapters_from!r} is not a method in methods")
     return cfg

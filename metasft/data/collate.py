@@ -15,6 +15,12 @@ from metasft.data.tokenize import Encoded
 IGNORE_INDEX = -100
 
 
+def pad_id(tokenizer) -> int:
+    """The token a batch is padded with: the tokenizer's pad token, else its EOS (never a target,
+    never attended to, so which token it is does not matter)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(batch: Sequence[Encoded], pad_token_id: int, pad_to_length: int | None = None) -> dict[str, torch.Tensor]:
     """Stack encoded rows into ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``.
 

@@ -17,6 +17,7 @@ import sys
 from rich.console import Console
 from rich.text import Text
 
+from metasft.data.collate import pad_id
 from metasft.data.formatting import rows_to_examples
 from metasft.data.io import read_rows
 from metasft.data.tokenize import Encoded, encode_examples
@@ -53,11 +54,11 @@ def inspect_file(path: str, tokenizer, max_length: int, truncation: str, chat_te
         raw = raw[:rows]
     examples, _ = rows_to_examples(raw, path, prompt_key, response_key, messages_key)
     encoded = encode_examples(examples, tokenizer, max_length, truncation, chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = pad_id(tokenizer)
     if as_json:
         stream = out or sys.stdout
         for index, enc in enumerate(encoded):
-            stream.write(json.dumps(row_json(index, enc, pad_id, max_length if pad_to_max_length else None)) + "\n")
+            stream.write(json.dumps(row_json(index, enc, pad_token, max_length if pad_to_max_length else None)) + "\n")
         return
     console = Console(file=out) if out is not None else Console()
     console.print(Text("legend: ", style="bold") + Text("trained-on token", style="black on green")

@@ -392,7 +392,37 @@ def test_bench_base_adapters_from_gives_the_base_fresh_adapters_in_the_lora_scop
     config["base_adapters_from"] = "nope"
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
-    assert "base_adapters_from: 'nope' is not a trained method" in capsys.readouterr().err
+    assert "base_adapters_from: 'nope' is not a method in methods" in capsys.readouterr().err
+
+
+def test_bench_base_adapters_from_a_checkpoint_takes_its_saved_adapter_settings(tmp_path, tiny_llama_tied_dir,
+                                                                                capsys):
+    """base_adapters_from may name a checkpoint method: the base's fresh adapters follow the model
+    settings saved in its metasft_config.yaml; a checkpoint without one is refused in one line."""
+    from metasft.bench.methods import base_with_fresh_adapters
+    from metasft.checkpoint import CONFIG_FILE
+    from metasft.config import load_config
+
+    data = make_labelled_suite(tmp_path)
+    lora = ["model.lora_rank=3", "model.lora_alpha=6", "model.target_modules=[q_proj, v_proj]"]
+    saved = load_config(name="sft", overrides=lora)
+    checkpoint = base_with_fresh_adapters(str(tiny_llama_tied_dir), saved.model, tmp_path / "trained")
+    config = {"base_model": str(tiny_llama_tied_dir), "tasks_dir": str(data), "n_shots": [1], "shots": "per_class",
+              "adapt": {"lr": 0.1, "steps": 1, "batch_size": 3}, "base_adapters_from": "meta",
+              "data": {"chat_template": "none", "max_length": 64}, "output_dir": str(tmp_path / "bench"),
+              "methods": [{"name": "meta", "checkpoint": str(checkpoint)},
+                          {"name": "sft", "checkpoint": str(checkpoint)}]}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base_adapters_from:" in err[0] and CONFIG_FILE in err[0], err
+    assert not (tmp_path / "bench" / "base_adapters").exists()
+    (checkpoint / CONFIG_FILE).write_text(saved.to_yaml())
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml")]) == 0
+    adapter = json.loads((tmp_path / "bench" / "base_adapters" / "adapter_config.json").read_text())
+    assert adapter["r"] == 3 and adapter["lora_alpha"] == 6 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    result = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert result["methods"]["base"]["checkpoint"] == str(tmp_path / "bench" / "base_adapters")
 
 
 def test_fresh_base_adapters_keep_a_full_head_and_reload_as_the_base(tmp_path, tiny_llama_tied_dir):
