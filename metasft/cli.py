@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reptile/maml/meta_lora/metaicl on the same budget of work, benchmark them on held-out "
                                    "tasks (gradient adaptation and in context). With --model smollm2-135m: convert "
                                    "SmolLM2-135M-Instruct, build the WordNet suite, meta-train a full-rank head adapter over the "
-                                   "frozen, cached layers (ANIL; docs/real_model.md) and benchmark against SFT and "
+                                   "frozen, cached layers (FOMAML; docs/real_model.md) and benchmark against SFT and "
                                    "in-context learning.")
     p.add_argument("--model", choices=["smollm2-135m"], default=None,
                    help="run on this real model instead of the tiny one (docs/real_model.md)")
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-task steps that pretrain the tiny base on the transform family (default 600)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of sft,fomaml,reptile,maml,meta_lora,metaicl (the default: all of them), "
                         "plus the opt-in fomaml_meta_sgd,maml_meta_sgd (learned inner rates); with --model, of "
-                        "sft,fomaml,anil,reptile,fomaml_meta_sgd (default sft,anil)")
+                        "sft,fomaml,anil,reptile,fomaml_meta_sgd (default sft,fomaml)")
     p.add_argument("--n-shots", type=int, nargs="+", default=None, metavar="N",
                    help="default 10 50; with --model, shots per class, default 1")
     _add_common(p)
