@@ -105,13 +105,23 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A temporary file in ``path``'s folder (so the final rename is atomic), with the permissions a
+    plain ``open`` would give (``mkstemp`` makes it private: 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """Write rows to ``path`` via a temporary file in the same directory and an atomic rename,
     so a crash never leaves a half-written parquet behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary_beside(path)
     os.close(fd)
     try:
         pq.write_table(table, tmp)
@@ -125,7 +135,7 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     """Write JSON via a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, indent=2, sort_keys=False)

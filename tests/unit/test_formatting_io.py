@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from metasft.data.formatting import rows_to_examples
-from metasft.data.io import read_rows
+from metasft.data.io import read_rows, write_json_atomic, write_parquet_atomic
 from metasft.errors import DataError
 
 ROWS = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
@@ -103,3 +103,19 @@ def test_dedup_key_normalises_whitespace():
     a, _ = rows_to_examples([{"prompt": "a  b\n", "response": " c"}], "f")
     b, _ = rows_to_examples([{"prompt": "a b", "response": "c"}], "f")
     assert a[0].dedup_key() == b[0].dedup_key()
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """Prepared data and results are written through a temporary file; they must not stay private
+    (0600) as mkstemp makes it, or a shared data folder is unreadable to its other users."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_parquet_atomic([{"prompt": "a", "response": "b"}], tmp_path / "rows.parquet")
+        write_json_atomic({"a": 1}, tmp_path / "result.json")
+    finally:
+        os.umask(old)
+    for name in ("rows.parquet", "result.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert read_rows(tmp_path / "rows.parquet") == [{"prompt": "a", "response": "b"}]
