@@ -127,10 +127,10 @@ def adapt_command(args) -> Path:
     """``metasft adapt``: load, adapt on a seeded choice of ``--n-shots`` rows, save atomically."""
     import json
     import shutil
-    import tempfile
 
     from metasft.checkpoint import load_pretrained
     from metasft.config import DataConfig
+    from metasft.data.io import temporary_dir
     from metasft.data.tasks import encode_file
     from metasft.distributed import DistEnv
     from metasft.errors import MetasftError
@@ -178,7 +178,7 @@ def adapt_command(args) -> Path:
     adapt_rows(engine, shots, steps=steps, batch_size=batch_size, lr=lr, seed=args.seed, task="adapt",
                pad_token_id=tokenizer.pad_token_id, optimizer=args.optimizer)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = temporary_dir(output.parent, f".{output.name}.tmp-")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from metasft import faults
+from metasft.data.io import temporary_dir
 from metasft.errors import MetasftError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -81,7 +81,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, con
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=run_dir))
+    tmp = temporary_dir(run_dir, f".step_{step}.tmp-")
     try:
         faults.point("checkpoint.before_weights", step)
         if model_state is None:

@@ -105,14 +105,26 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _temporary_beside(path: Path) -> tuple[int, str]:
     """A temporary file in ``path``'s folder (so the final rename is atomic), with the permissions a
     plain ``open`` would give (``mkstemp`` makes it private: 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~_umask())
     return fd, tmp
+
+
+def temporary_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new folder in ``parent`` to fill and then rename into place, with the permissions a plain
+    ``mkdir`` would give (``mkdtemp`` makes it private: 0700, and a checkpoint keeps them)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
 
 
 def write_parquet_atomic(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from metasft.data.formatting import rows_to_examples
-from metasft.data.io import read_rows, write_json_atomic, write_parquet_atomic
+from metasft.data.io import read_rows, temporary_dir, write_json_atomic, write_parquet_atomic
 from metasft.errors import DataError
 
 ROWS = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
@@ -106,16 +106,19 @@ def test_dedup_key_normalises_whitespace():
 
 
 def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
-    """Prepared data and results are written through a temporary file; they must not stay private
-    (0600) as mkstemp makes it, or a shared data folder is unreadable to its other users."""
+    """Prepared data, results and checkpoints are written through a temporary file or folder; they
+    must not stay private as mkstemp (0600) and mkdtemp (0700) make them, or a shared data or run
+    folder is unreadable to its other users."""
     import os
 
     old = os.umask(0o022)
     try:
         write_parquet_atomic([{"prompt": "a", "response": "b"}], tmp_path / "rows.parquet")
         write_json_atomic({"a": 1}, tmp_path / "result.json")
+        folder = temporary_dir(tmp_path, ".step_1.tmp-")  # a checkpoint's, before its rename
     finally:
         os.umask(old)
     for name in ("rows.parquet", "result.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert folder.stat().st_mode & 0o777 == 0o755
     assert read_rows(tmp_path / "rows.parquet") == [{"prompt": "a", "response": "b"}]
