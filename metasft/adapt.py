@@ -134,7 +134,7 @@ def adapt_command(args) -> Path:
     from metasft.data.tasks import encode_file
     from metasft.distributed import DistEnv
     from metasft.errors import MetasftError
-    from metasft.model import trainable_named_parameters
+    from metasft.model import quiet_peft, trainable_named_parameters
     from metasft.scope import parse_scope
     from metasft.distributed import resolve_device
 
@@ -180,7 +180,8 @@ def adapt_command(args) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_dir(output.parent, f".{output.name}.tmp-")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_peft():
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         info = {"checkpoint": str(args.checkpoint), "data": str(args.data), "n_shots": args.n_shots, "steps": steps,
                 "batch_size": batch_size, "lr": "learned" if learned else lr, "optimizer": args.optimizer,

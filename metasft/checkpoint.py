@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 from metasft import faults
 from metasft.data.io import temporary_dir
 from metasft.errors import MetasftError
+from metasft.model import quiet_peft
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -84,10 +84,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, con
     tmp = temporary_dir(run_dir, f".step_{step}.tmp-")
     try:
         faults.point("checkpoint.before_weights", step)
-        if model_state is None:
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+        with quiet_peft():
+            if model_state is None:
+                model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         faults.point("checkpoint.while_weights", step, tear=lambda: next(tmp.glob("*.safetensors")))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -274,9 +275,7 @@ def load_pretrained(path: str | os.PathLike, key: str = "--checkpoint"):
 
         hf_logging.disable_progress_bar()
         try:
-            with warnings.catch_warnings():
-                # peft reads transformers' deprecated `is_gradient_checkpointing`: not the user's concern.
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with quiet_peft():
                 model = AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=True)
         except (OSError, ValueError) as exc:
             raise MetasftError(f"{key} {path}: cannot load the LoRA adapter or its base model ({str(exc).splitlines()[0]})") from exc

@@ -17,6 +17,7 @@ unavailable attention kernel, LoRA target modules that do not exist) become one-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -161,6 +162,22 @@ def _enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Leave out peft's warnings that the user cannot act on, around building, loading or saving an
+    adapter; every other warning still shows."""
+    with warnings.catch_warnings():
+        # peft 0.21 reads the `is_gradient_checkpointing` property that transformers 5 deprecated.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # An adapter on a head tied to the input embeddings adapts the head alone, on purpose: the
+        # embeddings (and so every frozen, cached layer) stay the base's. peft's advice, to tie the
+        # adapter too, would adapt the embeddings as well.
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*", category=UserWarning)
+        # Saving such an adapter saves the tied matrix with it, as it must; peft says it does.
+        warnings.filterwarnings("ignore", message=".*save_embedding_layers.*", category=UserWarning)
+        yield
+
+
 def apply_lora(model, model_cfg):
     """Wrap ``model`` with LoRA adapters; peft freezes every base weight.
 
@@ -185,10 +202,7 @@ def apply_lora(model, model_cfg):
         task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():
-            # peft 0.21 reads the `is_gradient_checkpointing` property that transformers 5 deprecated;
-            # the warning is about peft's internals, not something the user can act on.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft():
             peft_model = get_peft_model(model, lora_config)
     except ValueError as exc:
         # e.g. "Target modules {'q'} not found in the base model."

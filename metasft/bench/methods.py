@@ -106,7 +106,7 @@ def base_with_fresh_adapters(base_model: str, like, out: Path) -> Path:
     lora_B starts at zero, so it computes the base's function and adapts the same parameters as a
     LoRA method. Written once to ``out``."""
     from metasft.config import ModelConfig
-    from metasft.model import load_model, load_tokenizer
+    from metasft.model import load_model, load_tokenizer, quiet_peft
 
     if like.lora_rank <= 0:
         raise ConfigError("base_adapters_from: that method trains full weights (model.lora_rank = 0), not adapters")
@@ -116,7 +116,8 @@ def base_with_fresh_adapters(base_model: str, like, out: Path) -> Path:
         cfg = ModelConfig(partial_pretrain=str(local.resolve()) if local.exists() else base_model,
                           lora_rank=like.lora_rank, lora_alpha=like.lora_alpha, lora_dropout=like.lora_dropout,
                           target_modules=like.target_modules, lora_full_head=like.lora_full_head)
-        load_model(cfg).save_pretrained(out)
+        with quiet_peft():
+            load_model(cfg).save_pretrained(out)
         load_tokenizer(cfg).save_pretrained(out)
     return out
 

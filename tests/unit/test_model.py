@@ -11,6 +11,7 @@ from metasft.model import (
     is_peft_model,
     load_model,
     load_tokenizer,
+    quiet_peft,
     trainable_named_parameters,
 )
 from metasft.tiny import build_tiny_model, build_tokenizer
@@ -222,3 +223,26 @@ def test_local_path_detection(tmp_path, monkeypatch, path, local):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()  # "runs/ckpt" is local because its first component exists here
     assert _looks_local(path) is local
+
+
+def test_a_head_adapter_over_tied_embeddings_builds_saves_and_loads_without_peft_warnings(tmp_path,
+                                                                                      tiny_llama_tied_dir):
+    """peft warns that a tied head is adapted without tying the adapter, and that the tied matrix is
+    saved with it: both are what metasft means to do (the embeddings, and so the frozen layers, stay
+    the base's), so the user sees neither; the adapter still reloads as the same function."""
+    import warnings
+
+    from metasft.checkpoint import load_pretrained
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(make_cfg(tiny_llama_tied_dir, lora_rank=2, lora_full_head=True,
+                                    target_modules=["lm_head"]))
+        with quiet_peft():
+            model.save_pretrained(tmp_path / "adapter")
+        tok = build_tokenizer()
+        tok.save_pretrained(tmp_path / "adapter")
+        loaded, _, _ = load_pretrained(tmp_path / "adapter")
+    peft_warnings = [str(w.message) for w in caught if "peft" in w.filename]
+    assert not peft_warnings, peft_warnings
+    torch.testing.assert_close(logits_of(loaded, tok), logits_of(model, tok))
