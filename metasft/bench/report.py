@@ -128,7 +128,7 @@ def _finish_figure(fig, axes, title: str, path: Path) -> None:
     handles, _ = axes[0].get_legend_handles_labels()
     if len(handles) > 8:  # many lines: a legend beside the plots, not over them
         axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    else:
+    elif handles:  # no labelled line (e.g. no run evaluated on validation tasks): no empty legend
         axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

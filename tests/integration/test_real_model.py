@@ -262,11 +262,14 @@ def _initial_adapter(model_dir, tasks, tmp_path, *overrides):
 
     from metasft.config import load_config
     from metasft.distributed import DistEnv
+    from metasft.model import quiet_peft
     from metasft.train import Trainer
 
     cfg = load_config(overrides=[f"model.partial_pretrain={model_dir}", *REAL_STEP, *tasks, *overrides,
                                  f"trainer.default_local_dir={tmp_path / 'init'}", "trainer.resume_mode=disable"])
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(Trainer(cfg, DistEnv()).model).items()}
+    with quiet_peft():
+        state = get_peft_model_state_dict(Trainer(cfg, DistEnv()).model)
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _relative(a, b):

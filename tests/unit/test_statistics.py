@@ -92,3 +92,17 @@ def test_the_real_model_verdict_is_against_the_best_baseline_in_either_adaptatio
     # 0.50 - 0.06 = 0.44 < 0.45: overlapping intervals.
     assert lines[2].startswith("At 5 shots per class anil does not beat the best baseline (sft in context)")
     assert len(lines) == 3
+
+
+def test_a_plot_without_labelled_lines_is_written_without_an_empty_legend(tmp_path):
+    """A run that never evaluated on validation tasks gives training curves with no point to draw:
+    the figure is still written, and matplotlib is not asked for a legend of nothing (it warns)."""
+    import warnings
+
+    from metasft.bench.report import plot_training_curves
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_training_curves({"sft": [{"step": None, "seconds": None, "value": 0.2}]}, "exact_match",
+                             tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
